@@ -1,0 +1,375 @@
+"""The plugin API: what a plugin author subclasses, reads and raises.
+
+This is the Python counterpart of the spec's Go interface::
+
+    type Plugin interface {
+        Name() string; Stage() string; Priority() int; SupportsParallel() bool
+        Execute(ctx context.Context, data *PluginData) error
+    }
+
+``Plugin.name``, ``.stage``, ``.priority`` and ``.supports_parallel`` answer the first four;
+``await plugin.execute(ctx, data)`` returns normally to let the request go on, raises
+:class:`Reject` to answer the client instead, and raises anything else to fail (handled by the
+plugin's ``on_error`` policy). Import everything from :mod:`pluginchain`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections import ChainMap
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, MutableMapping
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Stage(enum.StrEnum):
+    """When a plugin runs."""
+
+    PRE_REQUEST = "pre_request"
+    """Before the request goes upstream; works on the request."""
+    POST_REQUEST = "post_request"
+    """On the upstream response; works on the response (and may read the request)."""
+    ERROR = "error"
+    """After a plugin failed or timed out, or the upstream answered 5xx."""
+
+
+OnError = Literal["fail_closed", "fail_open"]
+
+
+class PluginConfig(BaseModel):
+    """Base of every plugin's config model: frozen, and unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyNeeds:
+    """Which HTTP bodies a plugin instance reads; the sidecar asks Envoy only for these."""
+
+    request: bool = False
+    response: bool = False
+
+    def __or__(self, other: BodyNeeds) -> BodyNeeds:
+        return BodyNeeds(self.request or other.request, self.response or other.response)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSettings:
+    """Where and how one configured plugin instance runs: the chain entry minus its config."""
+
+    id: str
+    stage: Stage
+    priority: int = 0
+    parallel: bool = False
+    timeout: float = 5.0
+    on_error: OnError = "fail_closed"
+    chain: str = "default"
+
+
+class BodyNotJSON(ValueError):
+    """The body is absent or not valid JSON."""
+
+
+class HttpMessage:
+    """Headers and body of one request or response, plus what the chain changed on it.
+
+    Header names are lower case (as HTTP/2 and Envoy carry them). ``body`` is ``None`` when the
+    chain did not need it and Envoy did not send it. The changes are what the sidecar turns into
+    Envoy header and body mutations.
+    """
+
+    __slots__ = ("headers", "body", "set_headers", "removed_headers", "body_replaced", "_json")
+
+    _UNPARSED: ClassVar[object] = object()
+
+    def __init__(self, headers: Mapping[str, str] | None = None, body: bytes | None = None):
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        self.body = body
+        self.set_headers: dict[str, str] = {}
+        self.removed_headers: set[str] = set()
+        self.body_replaced = False
+        self._json: Any = self._UNPARSED
+
+    def json(self) -> Any:
+        """The body decoded as JSON, parsed once per body and shared by every plugin.
+
+        Treat the result as read-only: parallel plugins see the same object. To change the body,
+        build a new value and call :meth:`PluginData.set_json`.
+        """
+        if self._json is self._UNPARSED:
+            if self.body is None:
+                raise BodyNotJSON("no body was received")
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise BodyNotJSON(f"body is not valid JSON: {error}") from None
+        return self._json
+
+    def set_header(self, name: str, value: str) -> None:
+        name = name.lower()
+        self.headers[name] = value
+        self.set_headers[name] = value
+        self.removed_headers.discard(name)
+
+    def remove_header(self, name: str) -> None:
+        name = name.lower()
+        self.headers.pop(name, None)
+        self.set_headers.pop(name, None)
+        self.removed_headers.add(name)
+
+    def replace_body(self, body: bytes, parsed_json: Any = _UNPARSED) -> None:
+        self.body = body
+        self.body_replaced = True
+        self._json = parsed_json
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A plugin that raised or timed out, or an upstream 5xx; what the error stage sees."""
+
+    plugin_id: str
+    stage: Stage
+    kind: Literal["exception", "timeout", "upstream"]
+    message: str
+    fail_open: bool = False
+
+
+class Reject(Exception):
+    """Raise from ``execute`` to stop the chain and answer the client instead of the upstream.
+
+    The client receives ``status`` with an OpenAI-style JSON error body
+    ``{"error": {"message", "type", "code"}}`` (so LLM SDKs surface it) unless ``body`` is given.
+    """
+
+    _TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+    }
+
+    def __init__(
+        self,
+        status: int = 403,
+        message: str = "request rejected",
+        *,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ):
+        super().__init__(message)
+        if not 200 <= status <= 599:
+            raise ValueError(f"reject status must be an HTTP status 200..599, got {status}")
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type or self._TYPES.get(status, "server_error" if status >= 500 else "rejected")
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        self._body = body
+        self.plugin_id: str | None = None
+        """Set by the engine: the plugin instance that rejected."""
+
+    @property
+    def body(self) -> bytes:
+        if self._body is not None:
+            return self._body
+        error = {"message": self.message, "type": self.type, "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+    def response_headers(self) -> dict[str, str]:
+        """Headers of the client response, content-type included."""
+        headers = dict(self.headers)
+        if self._body is None:
+            headers.setdefault("content-type", "application/json")
+        return headers
+
+    def __repr__(self) -> str:
+        return f"Reject(status={self.status}, message={self.message!r}, code={self.code!r})"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything the chain knows about one HTTP request/response pair, across all stages."""
+
+    request: HttpMessage = field(default_factory=HttpMessage)
+    response: HttpMessage | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    client_address: str | None = None
+    request_id: str = ""
+
+
+class PluginContext:
+    """Request-scoped environment of one plugin execution (the Go ``ctx``).
+
+    Cancellation needs no field: a cancelled or timed-out plugin gets ``asyncio.CancelledError``
+    at its next ``await``.
+    """
+
+    __slots__ = ("chain", "request_id", "logger", "deadline")
+
+    def __init__(self, chain: str, request_id: str, logger: logging.LoggerAdapter, deadline: float):
+        self.chain = chain
+        self.request_id = request_id
+        self.logger = logger
+        """Logs with the request id and plugin id attached; never log secrets or bodies."""
+        self.deadline = deadline
+        """``loop.time()`` by which the plugin is cancelled."""
+
+
+class PluginData:
+    """One plugin's view of the exchange, and the changes it asks for.
+
+    Reads see the exchange as it was when the plugin's group started (parallel members share
+    that snapshot) plus this plugin's own changes. Changes are applied to the exchange when the
+    plugin finishes (sequential) or after its group, in declaration order (parallel), so the
+    result never depends on timing. A rejected or failed plugin's changes are dropped.
+    """
+
+    __slots__ = (
+        "stage", "exchange", "metadata", "error", "_target",
+        "_set_headers", "_removed_headers", "_body", "_json",
+    )
+
+    def __init__(self, stage: Stage, exchange: Exchange, error: Failure | None = None):
+        self.stage = stage
+        self.exchange = exchange
+        self.metadata: MutableMapping[str, Any] = ChainMap({}, exchange.metadata)
+        """Per-request values shared with later plugins and stages; writes land after the plugin."""
+        self.error = error
+        """In the error stage: what failed."""
+        target = exchange.response if stage is Stage.POST_REQUEST else exchange.request
+        self._target: HttpMessage = target if target is not None else HttpMessage()
+        self._set_headers: dict[str, str] = {}
+        self._removed_headers: set[str] = set()
+        self._body: bytes | None = None
+        self._json: Any = HttpMessage._UNPARSED
+
+    @property
+    def request(self) -> HttpMessage:
+        return self.exchange.request
+
+    @property
+    def response(self) -> HttpMessage | None:
+        return self.exchange.response
+
+    @property
+    def client_address(self) -> str | None:
+        return self.exchange.client_address
+
+    # The message this stage works on: the request in pre_request, the response in post_request.
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if not self._set_headers and not self._removed_headers:
+            return self._target.headers
+        merged = {k: v for k, v in self._target.headers.items() if k not in self._removed_headers}
+        merged.update(self._set_headers)
+        return merged
+
+    @property
+    def body(self) -> bytes | None:
+        return self._body if self._body is not None else self._target.body
+
+    def json(self) -> Any:
+        """The body as JSON (parsed once per request); raises :class:`BodyNotJSON`."""
+        if self._body is None:
+            return self._target.json()
+        if self._json is HttpMessage._UNPARSED:
+            try:
+                self._json = json.loads(self._body)
+            except ValueError as error:
+                raise BodyNotJSON(f"body is not valid JSON: {error}") from None
+        return self._json
+
+    def set_header(self, name: str, value: str) -> None:
+        name = name.lower()
+        self._removed_headers.discard(name)
+        self._set_headers[name] = value
+
+    def remove_header(self, name: str) -> None:
+        name = name.lower()
+        self._set_headers.pop(name, None)
+        self._removed_headers.add(name)
+
+    def set_body(self, body: bytes) -> None:
+        self._body = body
+        self._json = HttpMessage._UNPARSED
+
+    def set_json(self, value: Any) -> None:
+        """Replace the body with ``value`` encoded as compact JSON."""
+        self._body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        self._json = value
+
+    def apply(self) -> None:
+        """Write this plugin's changes into the exchange (called by the engine)."""
+        target = self._target
+        for name in self._removed_headers:
+            target.remove_header(name)
+        for name, value in self._set_headers.items():
+            target.set_header(name, value)
+        if self._body is not None:
+            target.replace_body(self._body, self._json)
+        own_metadata = self.metadata.maps[0]  # type: ignore[attr-defined]
+        if own_metadata:
+            self.exchange.metadata.update(own_metadata)
+
+
+class Plugin(ABC):
+    """Base class of every plugin, built-in or custom.
+
+    A subclass declares, as class attributes:
+
+    - ``name``: the registry name chain entries use (a lower-case identifier);
+    - ``Config``: a :class:`PluginConfig` subclass (unknown fields forbidden);
+    - ``stages``: the stages it can run in;
+    - ``supports_parallel``: whether it may be configured with ``parallel: true``;
+    - ``reads_body``: whether it needs the body of the message its stage works on (override
+      :meth:`body_needs` when that depends on config).
+
+    An instance is built once per compiled plan, never per request; keep per-request state in
+    ``data``, not on ``self``. ``aclose`` runs when the plan is replaced.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PRE_REQUEST})
+    supports_parallel: ClassVar[bool] = False
+    reads_body: ClassVar[bool] = False
+
+    def __init__(self, config: PluginConfig, settings: InstanceSettings):
+        self.config = config
+        self.settings = settings
+
+    @property
+    def id(self) -> str:
+        return self.settings.id
+
+    @property
+    def stage(self) -> Stage:
+        return self.settings.stage
+
+    @property
+    def priority(self) -> int:
+        return self.settings.priority
+
+    def body_needs(self) -> BodyNeeds:
+        """Bodies this instance reads, given its stage and config."""
+        if not self.reads_body or self.stage is Stage.ERROR:
+            return BodyNeeds()
+        if self.stage is Stage.PRE_REQUEST:
+            return BodyNeeds(request=True)
+        return BodyNeeds(response=True)
+
+    @abstractmethod
+    async def execute(self, ctx: PluginContext, data: PluginData) -> None:
+        """Run on one request: return to continue, raise :class:`Reject` to answer the client."""
+
+    async def aclose(self) -> None:
+        """Release connections and other resources when the plan is replaced."""
