@@ -212,15 +212,25 @@ class PluginContext:
     at its next ``await``.
     """
 
-    __slots__ = ("chain", "request_id", "logger", "deadline")
+    __slots__ = ("chain", "request_id", "plugin_id", "deadline", "_logger")
 
-    def __init__(self, chain: str, request_id: str, logger: logging.LoggerAdapter, deadline: float):
+    _base_logger: ClassVar[logging.Logger] = logging.getLogger("pluginchain.plugin")
+
+    def __init__(self, chain: str, request_id: str, plugin_id: str, deadline: float):
         self.chain = chain
         self.request_id = request_id
-        self.logger = logger
-        """Logs with the request id and plugin id attached; never log secrets or bodies."""
+        self.plugin_id = plugin_id
         self.deadline = deadline
         """``loop.time()`` by which the plugin is cancelled."""
+        self._logger: logging.LoggerAdapter | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:
+        """Logs with the chain, request id and plugin id attached; never log secrets or bodies."""
+        if self._logger is None:
+            extra = {"chain": self.chain, "request_id": self.request_id, "plugin": self.plugin_id}
+            self._logger = logging.LoggerAdapter(self._base_logger, extra)
+        return self._logger
 
 
 class PluginData:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Mapping
 
 from pluginchain.api import (
@@ -54,9 +53,8 @@ def make_exchange(
 async def run_plugin(plugin: Plugin, exchange: Exchange, error: Failure | None = None) -> PluginData:
     """Execute ``plugin`` once on ``exchange`` and apply its changes; :class:`Reject` propagates."""
     data = PluginData(plugin.stage, exchange, error)
-    logger = logging.LoggerAdapter(logging.getLogger("pluginchain.plugin"), {"plugin": plugin.id})
     deadline = asyncio.get_running_loop().time() + plugin.settings.timeout
-    ctx = PluginContext(plugin.settings.chain, exchange.request_id, logger, deadline)
+    ctx = PluginContext(plugin.settings.chain, exchange.request_id, plugin.id, deadline)
     await plugin.execute(ctx, data)
     data.apply()
     return data

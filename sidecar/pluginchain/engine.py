@@ -1,0 +1,309 @@
+"""Compiles validated chains into execution plans and runs them: the spec's semantics, made exact.
+
+Compiling happens once per config (sorting, grouping, building plugin instances, binding
+metrics); a request only walks the prebuilt groups:
+
+- a stage's plugins are grouped by priority, ascending, and groups run one after another;
+- in a group, sequential members run one by one in declaration order, then the parallel members
+  run concurrently on one snapshot, and their changes are applied in declaration order after the
+  group, whatever order they finished in;
+- a reject stops the chain: running members are cancelled, later groups never run;
+- a plugin that raises or exceeds its ``timeout`` has failed: ``fail_closed`` answers the client
+  with an error, ``fail_open`` drops that plugin's changes and goes on; either way the failure is
+  logged, counted and handed to the ``error`` stage, which may replace the error response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from pluginchain import metrics
+from pluginchain.api import (
+    BodyNeeds,
+    Exchange,
+    Failure,
+    InstanceSettings,
+    Plugin,
+    PluginContext,
+    PluginData,
+    Reject,
+    Stage,
+)
+from pluginchain.schema import ConfigError, ConfigIssue, ValidatedChain
+from pluginchain.registry import PluginRegistry
+
+logger = logging.getLogger("pluginchain.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """The Envoy processing phases a chain needs; the sidecar asks Envoy for these only."""
+
+    request_headers: bool
+    request_body: bool
+    response_headers: bool
+    response_body: bool
+
+    def names(self) -> list[str]:
+        return [name for name in ("request_headers", "request_body", "response_headers", "response_body") if getattr(self, name)]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Plugins of one priority in one stage."""
+
+    priority: int
+    sequential: tuple[Plugin, ...]
+    parallel: tuple[Plugin, ...]
+
+
+@dataclass(slots=True)
+class StageResult:
+    """How a stage ended: ``rejection`` is the response to send instead of going on, if any."""
+
+    rejection: Reject | None
+    failures: list[Failure]
+
+
+class _Member:
+    """A plugin instance with its metric children bound once, at compile time."""
+
+    __slots__ = ("plugin", "latency", "outcomes", "chain")
+
+    def __init__(self, plugin: Plugin, chain: str):
+        self.plugin = plugin
+        self.chain = chain
+        self.latency = metrics.PLUGIN_LATENCY.labels(chain, plugin.id)
+        self.outcomes = {
+            outcome: metrics.PLUGIN_DECISIONS.labels(chain, plugin.id, outcome)
+            for outcome in ("allow", "reject", "error", "fail_open")
+        }
+
+
+class CompiledChain:
+    """One chain's execution plan: groups per stage and the phases it needs."""
+
+    def __init__(self, name: str, plugins: list[Plugin]):
+        self.name = name
+        self.plugins = tuple(plugins)
+        self._members = {plugin.id: _Member(plugin, name) for plugin in plugins}
+        self.stages: dict[Stage, tuple[Group, ...]] = {stage: _group(p for p in plugins if p.stage is stage) for stage in Stage}
+        needs = BodyNeeds()
+        for plugin in plugins:
+            needs = needs | plugin.body_needs()
+        has_post = bool(self.stages[Stage.POST_REQUEST])
+        self.phases = Phases(
+            request_headers=bool(self.stages[Stage.PRE_REQUEST]) or needs.request,
+            request_body=needs.request,
+            # The error stage also runs on upstream 5xx, which only the response headers show.
+            response_headers=has_post or bool(self.stages[Stage.ERROR]) or needs.response,
+            response_body=needs.response,
+        )
+        self._chain_latency = metrics.CHAIN_LATENCY.labels(name)
+
+    def __repr__(self) -> str:
+        return f"CompiledChain({self.name!r}, plugins={[p.id for p in self.plugins]})"
+
+    async def run_stage(self, stage: Stage, exchange: Exchange) -> StageResult:
+        """Run ``pre_request`` or ``post_request`` on ``exchange``, applying changes to it."""
+        if stage is Stage.ERROR:
+            raise ValueError("run the error stage with run_error_stage()")
+        failures: list[Failure] = []
+        rejection = None
+        started = time.perf_counter()
+        try:
+            for group in self.stages[stage]:
+                rejection = await self._run_group(group, stage, exchange, failures)
+                if rejection is not None:
+                    break
+        finally:
+            self._chain_latency.observe(time.perf_counter() - started)
+        for failure in failures:
+            response = None if failure.fail_open else rejection
+            replacement = await self.run_error_stage(exchange, failure, response)
+            if replacement is not None:
+                rejection = replacement
+        return StageResult(rejection, failures)
+
+    async def run_error_stage(self, exchange: Exchange, failure: Failure, response: Reject | None = None) -> Reject | None:
+        """Let the error stage see ``failure``; return its replacement for the client response.
+
+        ``response`` is the error response about to be sent (None when the request goes on after
+        a fail_open failure, in which case a replacement is ignored). Failures inside the error
+        stage are logged and counted but never recurse.
+        """
+        for group in self.stages[Stage.ERROR]:
+            for plugin in group.sequential + group.parallel:
+                data = PluginData(Stage.ERROR, exchange, failure)
+                outcome = await self._execute(self._members[plugin.id], data, exchange)
+                if isinstance(outcome, Reject):
+                    return outcome if response is not None or failure.kind == "upstream" else None
+                if isinstance(outcome, Failure):
+                    continue
+                data.apply()
+        return None
+
+    async def _run_group(self, group: Group, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
+        for plugin in group.sequential:
+            stop = await self._run_one(plugin, stage, exchange, failures)
+            if stop is not None:
+                return stop
+        if len(group.parallel) == 1:
+            return await self._run_one(group.parallel[0], stage, exchange, failures)
+        if not group.parallel:
+            return None
+        views = [PluginData(stage, exchange) for _ in group.parallel]
+        tasks = [
+            asyncio.ensure_future(self._execute(self._members[plugin.id], view, exchange))
+            for plugin, view in zip(group.parallel, views)
+        ]
+        pending = set(tasks)
+        stop: Reject | None = None
+        try:
+            while pending and stop is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                # Several may finish in one wake-up: decide in declaration order.
+                for task in tasks:
+                    if task in done and stop is None:
+                        stop = self._settle(task.result(), failures)
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if stop is not None:
+            return stop
+        for task, view in zip(tasks, views):
+            if task.result() is None:
+                view.apply()
+        return None
+
+    async def _run_one(self, plugin: Plugin, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
+        view = PluginData(stage, exchange)
+        outcome = await self._execute(self._members[plugin.id], view, exchange)
+        if outcome is None:
+            view.apply()
+            return None
+        return self._settle(outcome, failures)
+
+    @staticmethod
+    def _settle(outcome: Reject | Failure | None, failures: list[Failure]) -> Reject | None:
+        """Turn a member's outcome into the group's stop response, if it stops the chain."""
+        if outcome is None or isinstance(outcome, Reject):
+            return outcome
+        failures.append(outcome)
+        return None if outcome.fail_open else failure_response(outcome)
+
+    async def _execute(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
+        """Run one plugin under its timeout; never raises except for cancellation."""
+        plugin = member.plugin
+        settings = plugin.settings
+        loop = asyncio.get_running_loop()
+        ctx = PluginContext(self.name, exchange.request_id, plugin.id, loop.time() + settings.timeout)
+        started = time.perf_counter()
+        timeout = asyncio.timeout(settings.timeout)
+        try:
+            async with timeout:
+                await plugin.execute(ctx, data)
+        except Reject as reject:
+            reject.plugin_id = plugin.id
+            member.outcomes["reject"].inc()
+            return reject
+        except Exception as error:
+            if isinstance(error, TimeoutError) and timeout.expired():
+                failure = Failure(plugin.id, data.stage, "timeout", f"timed out after {settings.timeout:g}s", settings.on_error == "fail_open")
+            else:
+                failure = Failure(plugin.id, data.stage, "exception", f"{type(error).__name__}: {error}", settings.on_error == "fail_open")
+            member.outcomes["fail_open" if failure.fail_open else "error"].inc()
+            logger.warning(
+                "plugin %s failed in %s (%s, %s): %s",
+                plugin.id, data.stage, failure.kind, settings.on_error, failure.message,
+                extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
+                exc_info=failure.kind == "exception",
+            )
+            return failure
+        finally:
+            member.latency.observe(time.perf_counter() - started)
+        member.outcomes["allow"].inc()
+        return None
+
+
+def failure_response(failure: Failure) -> Reject:
+    """What the client gets for a fail_closed failure: no internals beyond the plugin id."""
+    if failure.kind == "timeout":
+        return Reject(504, f"request blocked: plugin {failure.plugin_id!r} timed out", code="plugin_timeout", type="server_error")
+    return Reject(500, f"request blocked: plugin {failure.plugin_id!r} failed", code="plugin_failed", type="server_error")
+
+
+class Plan:
+    """Every compiled chain of one config, by name. Swapped whole on reload, never edited."""
+
+    def __init__(self, chains: Mapping[str, CompiledChain]):
+        self.chains = dict(chains)
+
+    def get(self, name: str) -> CompiledChain | None:
+        return self.chains.get(name)
+
+    async def aclose(self) -> None:
+        """Release every plugin's resources; call once no request uses this plan any more."""
+        for chain in self.chains.values():
+            for plugin in chain.plugins:
+                try:
+                    await plugin.aclose()
+                except Exception:
+                    logger.exception("closing plugin %s of chain %s failed", plugin.id, chain.name)
+
+
+def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry) -> Plan:
+    """Build plugin instances and groups for validated chains; raise ConfigError if one cannot be built.
+
+    Plugin constructors open no connections (those are made on first use), so a plan that fails
+    to build half-way leaves nothing to close.
+    """
+    compiled: dict[str, CompiledChain] = {}
+    issues: list[ConfigIssue] = []
+    for chain in chains.values():
+        plugins = []
+        for validated in chain.plugins:
+            entry = validated.entry
+            if not entry.enabled:
+                continue
+            plugin_class = registry.get(entry.name)
+            assert plugin_class is not None, "validated chains name registered plugins only"
+            settings = InstanceSettings(
+                id=entry.instance_id,
+                stage=entry.stage,
+                priority=entry.priority,
+                parallel=entry.parallel,
+                timeout=entry.timeout,
+                on_error=entry.on_error,
+                chain=chain.name,
+            )
+            try:
+                plugin = plugin_class(validated.config, settings)
+            except Exception as error:
+                issues.append(ConfigIssue(validated.location, f"cannot build plugin: {error}"))
+                continue
+            plugins.append(plugin)
+        compiled[chain.name] = CompiledChain(chain.name, plugins)
+    if issues:
+        raise ConfigError(issues)
+    return Plan(compiled)
+
+
+def _group(plugins) -> tuple[Group, ...]:
+    by_priority: dict[int, list[Plugin]] = {}
+    for plugin in plugins:
+        by_priority.setdefault(plugin.priority, []).append(plugin)
+    return tuple(
+        Group(
+            priority,
+            tuple(p for p in members if not p.settings.parallel),
+            tuple(p for p in members if p.settings.parallel),
+        )
+        for priority, members in sorted(by_priority.items())
+    )
