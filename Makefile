@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PORT ?= 8080
+UPSTREAM_PORT ?= 8000
+METRICS_PORT ?= 9090
 
 .PHONY: test run install clean
 
@@ -17,10 +20,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The local gateway: the demo upstream in the background, Envoy + sidecar in the foreground.
 run: $(STAMP)
-	@echo "make run arrives with the sidecar (issue: the ext_proc sidecar behind a real Envoy)."
-	@echo "Until then: $(BIN)/pluginchain validate examples/chain.yaml"
-	@echo "            $(BIN)/pluginchain plan examples/chain.yaml"
+	@$(BIN)/python examples/demo_upstream.py --port $(UPSTREAM_PORT) & upstream=$$!; \
+	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/pluginchain gateway --config examples/chain.yaml --upstream http://127.0.0.1:$(UPSTREAM_PORT) \
+		--port $(PORT) --metrics-port $(METRICS_PORT) --log-level warning
 
 clean:
 	rm -rf $(VENV) build *.egg-info sidecar/*.egg-info

@@ -11,6 +11,14 @@ import pytest
 async def no_leaked_tasks():
     before = asyncio.all_tasks()
     yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
-    assert not leaked, f"test leaked asyncio tasks: {leaked}"
+
+    def leaked() -> list[asyncio.Task]:
+        current = asyncio.current_task()
+        return [t for t in asyncio.all_tasks() - before if not t.done() and t is not current]
+
+    # Tasks that are merely finishing (a server winding down its handlers) get a moment.
+    for _ in range(50):
+        if not leaked():
+            break
+        await asyncio.sleep(0.02)
+    assert not leaked(), f"test leaked asyncio tasks: {leaked()}"

@@ -1,4 +1,4 @@
-"""The ``pluginchain`` command: check a chain file and show the plan it compiles to."""
+"""The ``pluginchain`` command: check and plan chain files, serve them, run the local gateway."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ import asyncio
 import sys
 from typing import Sequence
 
+from pathlib import Path
+
+import yaml
+
+from pluginchain import logs
 from pluginchain.durations import format_duration
 from pluginchain.engine import Plan, compile_plan
+from pluginchain.envoy_config import EnvoySettings
+from pluginchain.envoy_config import render as render_envoy
+from pluginchain.extproc import Limits
+from pluginchain.gateway import run_gateway
+from pluginchain.server import Sidecar, SidecarSettings, run_until_signalled
 from pluginchain.registry import PluginRegistrationError, PluginRegistry, default_registry
 from pluginchain.schema import ConfigError, load_file
 
@@ -20,11 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        registry = default_registry(args.plugins)
+        return args.handler(args)
     except PluginRegistrationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return args.handler(args, registry)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +47,45 @@ def _parser() -> argparse.ArgumentParser:
     for command in (validate, plan):
         command.add_argument("file", metavar="FILE", help="chain file (JSON, JSON with // comments, or YAML)")
         _add_plugins_option(command)
+
+    serve = commands.add_parser("serve", help="run the ext_proc sidecar")
+    serve.set_defaults(handler=_serve)
+    _add_sidecar_options(serve, default_port=50051)
+
+    gateway = commands.add_parser("gateway", help="run a real Envoy in front of the sidecar (local gateway)")
+    gateway.set_defaults(handler=_gateway)
+    _add_sidecar_options(gateway, default_port=0)
+    gateway.add_argument("--upstream", required=True, metavar="URL", help="the LLM provider's base URL")
+    _add_envoy_options(gateway)
+
+    envoy_config = commands.add_parser("envoy-config", help="print the Envoy configuration the gateway runs")
+    envoy_config.set_defaults(handler=_envoy_config, plugins=[])
+    envoy_config.add_argument("--upstream", default="http://127.0.0.1:8000", metavar="URL")
+    envoy_config.add_argument("--sidecar-port", type=int, default=50051)
+    envoy_config.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
+    _add_envoy_options(envoy_config)
     return parser
+
+
+def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int) -> None:
+    command.add_argument("--config", required=True, metavar="FILE", help="chain file; reloaded on change and SIGHUP")
+    _add_plugins_option(command)
+    command.add_argument("--host", default="127.0.0.1", help="ext_proc listen address (default 127.0.0.1)")
+    command.add_argument("--sidecar-port", dest="sidecar_port", type=int, default=default_port,
+                         help=f"ext_proc gRPC port (default {default_port or 'a free one'})")
+    command.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; -1 disables (default 9090)")
+    command.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes,
+                         help="largest body the chain accepts; larger gets 413 (default 4 MiB)")
+    command.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    command.add_argument("--log-level", default="info")
+
+
+def _add_envoy_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--port", type=int, default=8080, help="Envoy listener port (default 8080)")
+    command.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    command.add_argument("--route", action="append", default=[], metavar="PREFIX=CHAIN",
+                         help="run CHAIN for paths starting with PREFIX; repeatable; others run 'default'")
+    command.add_argument("--message-timeout", default="10s", help="Envoy's wait for each sidecar answer")
 
 
 def _add_plugins_option(command: argparse.ArgumentParser) -> None:
@@ -52,11 +99,74 @@ def _add_plugins_option(command: argparse.ArgumentParser) -> None:
 
 
 def _compile(path: str, registry: PluginRegistry) -> Plan:
-    plan = compile_plan(load_file(path, registry), registry)
-    return plan
+    return compile_plan(load_file(path, registry), registry)
 
 
-def _validate(args: argparse.Namespace, registry: PluginRegistry) -> int:
+def _sidecar_settings(args: argparse.Namespace) -> SidecarSettings:
+    return SidecarSettings(
+        config=Path(args.config),
+        plugin_modules=tuple(args.plugins),
+        host=args.host,
+        port=args.sidecar_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        limits=Limits(max_body_bytes=args.max_body_bytes),
+        grace=args.grace,
+    )
+
+
+def _envoy_settings(args: argparse.Namespace, sidecar_port: int) -> EnvoySettings:
+    routes = []
+    for route in args.route:
+        prefix, separator, chain = route.partition("=")
+        if not separator or not prefix.startswith("/") or not chain:
+            raise SystemExit(f"error: --route must look like /prefix=chain, got {route!r}")
+        routes.append((prefix, chain))
+    return EnvoySettings(
+        upstream=args.upstream,
+        listen_port=args.port,
+        admin_port=args.admin_port,
+        sidecar_port=sidecar_port,
+        routes=tuple(routes),
+        max_body_bytes=args.max_body_bytes,
+        message_timeout=args.message_timeout,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level)
+    try:
+        sidecar = Sidecar(_sidecar_settings(args))
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return 1
+    asyncio.run(run_until_signalled(sidecar))
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level)
+    try:
+        envoy = _envoy_settings(args, args.sidecar_port)
+        render_envoy(envoy)
+        asyncio.run(run_gateway(_sidecar_settings(args), envoy))
+    except (ConfigError, ValueError) as error:
+        print(error.render() if isinstance(error, ConfigError) else f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    try:
+        config = render_envoy(_envoy_settings(args, args.sidecar_port))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    registry = default_registry(args.plugins)
     try:
         plan = _compile(args.file, registry)
     except ConfigError as error:
@@ -67,7 +177,8 @@ def _validate(args: argparse.Namespace, registry: PluginRegistry) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace, registry: PluginRegistry) -> int:
+def _plan(args: argparse.Namespace) -> int:
+    registry = default_registry(args.plugins)
     try:
         plan = _compile(args.file, registry)
     except ConfigError as error:

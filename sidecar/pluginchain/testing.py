@@ -26,7 +26,7 @@ def make_plugin(
     ``stage`` to its first supported stage in declaration order of :class:`Stage`.
     """
     settings.setdefault("id", plugin_class.name)
-    settings.setdefault("stage", next(s for s in Stage if s in plugin_class.stages))
+    settings["stage"] = Stage(settings.get("stage") or next(s for s in Stage if s in plugin_class.stages))
     return plugin_class(plugin_class.Config.model_validate(dict(config or {})), InstanceSettings(**settings))
 
 

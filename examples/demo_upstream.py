@@ -1,0 +1,105 @@
+"""A small OpenAI-compatible upstream for the local gateway and the end-to-end tests; no internet.
+
+``POST /v1/chat/completions`` answers with the last user message echoed back (streamed as
+server-sent events when ``"stream": true``), so what a chain changes on the way in and out is
+visible. ``GET /_demo/requests`` lists the requests it received (method, path, headers, body),
+so tests can prove what reached the upstream and what never did.
+
+    python examples/demo_upstream.py --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MODEL = "demo-model"
+
+
+class DemoUpstream(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    received: list[dict] = []
+    lock = threading.Lock()
+
+    def log_message(self, format: str, *args) -> None:  # keep the gateway's terminal readable
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/_demo/requests":
+            with self.lock:
+                self._send(200, json.dumps(self.received).encode())
+        elif self.path == "/v1/models":
+            self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
+        else:
+            self._send(404, json.dumps({"error": {"message": f"no route {self.path}", "type": "not_found"}}).encode())
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length)
+        with self.lock:
+            self.received.append({
+                "method": "POST", "path": self.path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": raw.decode("utf-8", "replace"),
+            })
+        if self.path.startswith("/status/"):
+            code = int(self.path.rsplit("/", 1)[1])
+            self._send(code, json.dumps({"error": {"message": f"upstream says {code}", "type": "upstream"}}).encode())
+            return
+        try:
+            request = json.loads(raw or b"{}")
+            last = next((m.get("content") for m in reversed(request.get("messages", [])) if m.get("role") == "user"), "")
+        except (ValueError, AttributeError):
+            self._send(400, json.dumps({"error": {"message": "body is not JSON", "type": "invalid_request_error"}}).encode())
+            return
+        text = f"You said: {last}" if isinstance(last, str) else "You sent structured content."
+        if request.get("stream"):
+            self._stream(text)
+            return
+        completion = {
+            "id": f"chatcmpl-demo-{int(time.time() * 1000)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", MODEL),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(str(last).split()), "completion_tokens": len(text.split()), "total_tokens": 0},
+        }
+        self._send(200, json.dumps(completion).encode())
+
+    def _stream(self, text: str) -> None:
+        events = []
+        for word in text.split(" "):
+            chunk = {"object": "chat.completion.chunk", "model": MODEL, "choices": [{"index": 0, "delta": {"content": word + " "}}]}
+            events.append(f"data: {json.dumps(chunk)}\n\n")
+        events.append("data: [DONE]\n\n")
+        self._send(200, "".join(events).encode(), "text/event-stream")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer((args.host, args.port), DemoUpstream)
+    server.daemon_threads = True
+    print(f"demo upstream listening on http://{args.host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

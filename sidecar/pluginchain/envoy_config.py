@@ -1,0 +1,142 @@
+"""The Envoy configuration that puts the sidecar in the request path, in one place.
+
+``pluginchain gateway`` runs Envoy with it, ``pluginchain envoy-config`` prints it for users to
+adopt, and the tests prove it. It fails closed: if the sidecar cannot be reached, requests get an
+error, never a free pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pluginchain.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
+
+SIDECAR_CLUSTER = "pluginchain_sidecar"
+UPSTREAM_CLUSTER = "llm_upstream"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    """Knobs of the generated Envoy configuration."""
+
+    upstream: str = "http://127.0.0.1:8000"
+    """The LLM provider's base URL (http or https)."""
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    sidecar_host: str = "127.0.0.1"
+    sidecar_port: int = 50051
+    routes: tuple[tuple[str, str], ...] = ()
+    """(path prefix, chain name) pairs; other paths run the ``default`` chain."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Envoy's buffer limit, equal to the sidecar's body limit: larger bodies get 413."""
+    message_timeout: str = "10s"
+    """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins)."""
+    upstream_timeout: str = "300s"
+    """How long an LLM call may take; completions can be slow."""
+    failure_mode_allow: bool = False
+    """False: an unreachable sidecar fails requests closed."""
+
+
+def render(settings: EnvoySettings) -> dict:
+    """The Envoy bootstrap as a dict (dump it as YAML or JSON)."""
+    upstream = urlsplit(settings.upstream)
+    if upstream.scheme not in ("http", "https") or not upstream.hostname:
+        raise ValueError(f"upstream must be an http(s) URL with a host, got {settings.upstream!r}")
+    upstream_port = upstream.port or (443 if upstream.scheme == "https" else 80)
+
+    routes = [_route(prefix, chain, settings) for prefix, chain in settings.routes]
+    routes.append(_route("/", None, settings))
+    ext_proc = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_CLUSTER}, "timeout": settings.message_timeout},
+        "failure_mode_allow": settings.failure_mode_allow,
+        "allow_mode_override": True,
+        "message_timeout": settings.message_timeout,
+        "processing_mode": {
+            # The sidecar narrows this per request with mode_override once it knows the chain.
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "request_attributes": [SOURCE_ADDRESS_ATTRIBUTE],
+    }
+    connection_manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "generate_request_id": True,
+        "route_config": {"name": "gateway", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": EXT_PROC_FILTER, "typed_config": ext_proc},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    upstream_cluster = {
+        "name": UPSTREAM_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": settings.max_body_bytes,
+        "load_assignment": _endpoints(UPSTREAM_CLUSTER, upstream.hostname, upstream_port),
+    }
+    if upstream.scheme == "https":
+        upstream_cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": upstream.hostname,
+            },
+        }
+    sidecar_cluster = {
+        "name": SIDECAR_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": _endpoints(SIDECAR_CLUSTER, settings.sidecar_host, settings.sidecar_port),
+    }
+    return {
+        "admin": {"address": _socket(settings.admin_host, settings.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": _socket(settings.listen_host, settings.listen_port),
+                "per_connection_buffer_limit_bytes": settings.max_body_bytes,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": connection_manager}]}],
+            }],
+            "clusters": [sidecar_cluster, upstream_cluster],
+        },
+    }
+
+
+def _route(prefix: str, chain: str | None, settings: EnvoySettings) -> dict:
+    upstream = urlsplit(settings.upstream)
+    action: dict = {"cluster": UPSTREAM_CLUSTER, "timeout": settings.upstream_timeout}
+    if upstream.scheme == "https":
+        action["auto_host_rewrite"] = True
+    route: dict = {"match": {"prefix": prefix}, "route": action}
+    if chain is not None:
+        route["typed_per_filter_config"] = {
+            EXT_PROC_FILTER: {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {"grpc_initial_metadata": [{"key": CHAIN_METADATA_KEY, "value": chain}]},
+            }
+        }
+    return route
+
+
+def _socket(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _endpoints(cluster: str, host: str, port: int) -> dict:
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]}

@@ -1,0 +1,261 @@
+"""Envoy's ext_proc protocol on one side, the chain engine on the other.
+
+Envoy opens one ``Process`` stream per HTTP request and sends the phases its processing mode
+asks for; we answer each with mutations or an ImmediateResponse. The first answer (to the request
+headers) carries a ``mode_override`` so Envoy sends bodies and response phases only when the
+selected chain needs them (the filter runs with ``allow_mode_override: true``).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import Counter
+
+from pluginchain.api import Exchange, Failure, HttpMessage, Reject, Stage
+from pluginchain.engine import CompiledChain
+from pluginchain.plans import PlanHolder
+from pluginchain.schema import DEFAULT_CHAIN
+
+logger = logging.getLogger("pluginchain.extproc")
+
+CHAIN_METADATA_KEY = "x-pluginchain-chain"
+SOURCE_ADDRESS_ATTRIBUTE = "source.address"
+EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+
+REQUESTS = Counter(
+    "pluginchain_requests",
+    "HTTP requests seen by the sidecar, by chain and outcome: allow, reject, error, cancelled.",
+    ["chain", "outcome"],
+)
+
+_Mode = processing_mode_pb2.ProcessingMode
+_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request limits; the gRPC message size limits are derived from ``max_body_bytes``."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request or response body the chain accepts (default 4 MiB); larger gets 413."""
+
+    @property
+    def grpc_message_bytes(self) -> int:
+        # Room for the headers and protobuf framing around a body at the limit.
+        return self.max_body_bytes + 256 * 1024
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The ``envoy.service.ext_proc.v3.ExternalProcessor`` service."""
+
+    def __init__(self, plans: PlanHolder, limits: Limits = Limits()):
+        self._plans = plans
+        self._limits = limits
+        self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
+
+    async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
+        chain_name = _chain_name(context)
+        with self._plans.use() as plan:
+            chain = plan.get(chain_name)
+            stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits)
+            try:
+                async for request in request_iterator:
+                    yield await stream.answer(request)
+            except BaseException:
+                stream.outcome = "cancelled"
+                raise
+            finally:
+                REQUESTS.labels(chain_name, stream.outcome).inc()
+
+    def _mode_for(self, chain: CompiledChain | None) -> _Mode | None:
+        if chain is None:
+            return None
+        mode = self._modes.get(chain)
+        if mode is None:
+            phases = chain.phases
+            mode = _Mode(
+                request_header_mode=_Mode.SEND,
+                request_body_mode=_Mode.BUFFERED if phases.request_body else _Mode.NONE,
+                response_header_mode=_Mode.SEND if phases.response_headers else _Mode.SKIP,
+                response_body_mode=_Mode.BUFFERED if phases.response_body else _Mode.NONE,
+                request_trailer_mode=_Mode.SKIP,
+                response_trailer_mode=_Mode.SKIP,
+            )
+            self._modes[chain] = mode
+        return mode
+
+
+class _Stream:
+    """The state of one HTTP request's exchange with Envoy."""
+
+    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome")
+
+    def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits):
+        self.chain = chain
+        self.chain_name = chain_name
+        self.mode = mode
+        self.limits = limits
+        self.exchange = Exchange()
+        self.outcome = "allow"
+
+    async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        kind = request.WhichOneof("request")
+        if kind == "request_headers":
+            return await self._request_headers(request)
+        if kind == "request_body":
+            return await self._request_body(request.request_body)
+        if kind == "response_headers":
+            return await self._response_headers(request.response_headers)
+        if kind == "response_body":
+            return await self._response_body(request.response_body)
+        if kind == "request_trailers":
+            return _CONTINUE_REQUEST_TRAILERS
+        return _CONTINUE_RESPONSE_TRAILERS
+
+    async def _request_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        headers = request.request_headers
+        exchange = self.exchange
+        exchange.request = HttpMessage(_header_dict(headers.headers))
+        exchange.request_id = exchange.request.headers.get("x-request-id", "")
+        exchange.client_address = _client_address(request)
+        if self.chain is None:
+            logger.error(
+                "no chain named %r in the serving plan; answering 500", self.chain_name,
+                extra={"chain": self.chain_name, "request_id": exchange.request_id},
+            )
+            self.outcome = "error"
+            message = f"gateway misconfigured: unknown plugin chain {self.chain_name!r}"
+            return self._immediate(Reject(500, message, code="unknown_chain", type="server_error"))
+        if self.chain.phases.request_body and not headers.end_of_stream:
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=self.mode)
+        if headers.end_of_stream:
+            exchange.request.body = b""
+        rejection = await self._run(Stage.PRE_REQUEST)
+        if rejection is not None:
+            return self._immediate(rejection)
+        common = _common_response(exchange.request, body_phase=False)
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.mode)
+
+    async def _request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        if len(body.body) > self.limits.max_body_bytes:
+            return self._too_large("request")
+        self.exchange.request.body = body.body
+        rejection = await self._run(Stage.PRE_REQUEST)
+        if rejection is not None:
+            return self._immediate(rejection)
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_common_response(self.exchange.request, body_phase=True)))
+
+    async def _response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
+        assert self.chain is not None
+        self.exchange.response = HttpMessage(_header_dict(headers.headers))
+        if self.chain.phases.response_body and not headers.end_of_stream:
+            return _CONTINUE_RESPONSE_HEADERS
+        if headers.end_of_stream:
+            self.exchange.response.body = b""
+        rejection = await self._post_request()
+        if rejection is not None:
+            return self._immediate(rejection)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(self.exchange.response, body_phase=False)))
+
+    async def _response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        assert self.exchange.response is not None
+        if len(body.body) > self.limits.max_body_bytes:
+            return self._too_large("response")
+        self.exchange.response.body = body.body
+        rejection = await self._post_request()
+        if rejection is not None:
+            return self._immediate(rejection)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=_common_response(self.exchange.response, body_phase=True)))
+
+    async def _post_request(self) -> Reject | None:
+        assert self.chain is not None and self.exchange.response is not None
+        status = self.exchange.response.headers.get(":status", "")
+        if status.startswith("5"):
+            failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
+            replacement = await self.chain.run_error_stage(self.exchange, failure)
+            if replacement is not None:
+                return replacement
+        return await self._run(Stage.POST_REQUEST)
+
+    async def _run(self, stage: Stage) -> Reject | None:
+        assert self.chain is not None
+        result = await self.chain.run_stage(stage, self.exchange)
+        if result.rejection is not None:
+            self.outcome = "error" if result.rejection.plugin_id is None else "reject"
+        return result.rejection
+
+    def _too_large(self, which: str) -> pb.ProcessingResponse:
+        self.outcome = "reject"
+        message = f"{which} body exceeds the gateway limit of {self.limits.max_body_bytes} bytes"
+        return self._immediate(Reject(413, message, code="body_too_large"))
+
+    def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
+        headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
+        immediate = pb.ImmediateResponse(
+            status={"code": rejection.status},
+            headers=headers,
+            body=rejection.body,
+            details=f"pluginchain_{rejection.code or 'rejected'}",
+        )
+        return pb.ProcessingResponse(immediate_response=immediate)
+
+
+def _chain_name(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == CHAIN_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return DEFAULT_CHAIN
+
+
+def _header_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for header in header_map.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key
+        # Repeated headers fold into one comma-separated value, as HTTP allows for most headers.
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def _client_address(request: pb.ProcessingRequest) -> str | None:
+    attributes = request.attributes.get(EXT_PROC_ATTRIBUTES_KEY)
+    if attributes is None or SOURCE_ADDRESS_ATTRIBUTE not in attributes.fields:
+        return None
+    address = attributes.fields[SOURCE_ADDRESS_ATTRIBUTE].string_value
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") if host and port.isdigit() else address
+
+
+def _header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _common_response(message: HttpMessage, *, body_phase: bool) -> pb.CommonResponse | None:
+    """The mutations the chain made to ``message``; None when it made none."""
+    if not message.set_headers and not message.removed_headers and not message.body_replaced:
+        return None
+    set_headers = dict(message.set_headers)
+    common = pb.CommonResponse()
+    if message.body_replaced and body_phase:
+        set_headers["content-length"] = str(len(message.body or b""))
+        common.body_mutation.body = message.body or b""
+    if set_headers or message.removed_headers:
+        common.header_mutation.CopyFrom(pb.HeaderMutation(
+            set_headers=[_header_option(k, v) for k, v in set_headers.items()],
+            remove_headers=sorted(message.removed_headers),
+        ))
+    return common

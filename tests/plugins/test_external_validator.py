@@ -1,0 +1,406 @@
+"""The external validator against a real HTTP endpoint served in-process on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from pydantic import ValidationError
+
+from pluginchain import BodyNeeds, Reject, Stage
+from pluginchain.plugins.external_validator import (
+    DEFAULT_URL,
+    ExternalValidator,
+    ExternalValidatorUnavailable,
+)
+from pluginchain.testing import make_exchange, make_plugin, run_plugin
+
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int = 200
+    body: str = ""
+    content_type: str = "text/plain"
+    delay: float = 0.0
+
+
+def json_answer(status: int, document: object) -> Answer:
+    return Answer(status, json.dumps(document), "application/json")
+
+
+@dataclass(frozen=True)
+class Call:
+    payload: dict
+    headers: dict[str, str]
+    peer: tuple
+    at: float
+
+
+class FakeValidator:
+    """Answers from a script (the last answer repeats) and records every call it gets."""
+
+    def __init__(self) -> None:
+        self.script: list[Answer] = [Answer(200)]
+        self.calls: list[Call] = []
+        self.url = ""
+        self.released = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        peer = request.transport.get_extra_info("peername")
+        self.calls.append(Call(payload, {k.lower(): v for k, v in request.headers.items()}, peer, time.monotonic()))
+        answer = self.script[min(len(self.calls), len(self.script)) - 1]
+        if answer.delay:
+            # Ends early when the fixture shuts the server down.
+            try:
+                await asyncio.wait_for(self.released.wait(), answer.delay)
+            except TimeoutError:
+                pass
+        return web.Response(status=answer.status, text=answer.body, content_type=answer.content_type)
+
+
+@pytest.fixture
+async def validator():
+    fake = FakeValidator()
+    app = web.Application()
+    app.router.add_post("/validate", fake.handle)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        fake.url = f"http://127.0.0.1:{port}/validate"
+        yield fake
+    finally:
+        fake.released.set()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def plugins():
+    """Builds plugins and closes every one of them after the test, also when it fails."""
+    built: list[ExternalValidator] = []
+
+    def build(config: dict | None = None, **settings) -> ExternalValidator:
+        plugin = make_plugin(ExternalValidator, config or {}, **settings)
+        built.append(plugin)
+        return plugin
+
+    yield build
+    for plugin in built:
+        await plugin.aclose()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/validate"
+
+
+# -- verdicts -------------------------------------------------------------------------------------
+
+
+async def test_2xx_allows_the_request_and_the_validator_sees_it(validator, plugins):
+    plugin = plugins({"url": validator.url})
+    exchange = make_exchange(headers={"content-type": "application/json", "x-tenant": "acme"}, body=CHAT, request_id="r-1")
+
+    await run_plugin(plugin, exchange)
+
+    [call] = validator.calls
+    assert call.payload["stage"] == "pre_request"
+    assert call.payload["chain"] == "default"
+    assert call.payload["request_id"] == "r-1"
+    assert call.payload["request"]["headers"]["x-tenant"] == "acme"
+    assert call.payload["request"]["body"] == json.loads(CHAT)
+    assert "response" not in call.payload
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "message", "code"),
+    [
+        (json_answer(403, {"error": {"message": "prompt mentions a project codename", "code": "codename"}}),
+         403, "prompt mentions a project codename", "codename"),
+        (json_answer(400, {"message": "too many tokens"}), 400, "too many tokens", "external_validation_failed"),
+        (json_answer(422, {"detail": "model not allowed for tenant"}), 422, "model not allowed for tenant", "external_validation_failed"),
+        (Answer(403, "blocked by policy 7\n"), 403, "blocked by policy 7", "external_validation_failed"),
+        (Answer(451, ""), 451, "rejected by external validator (HTTP 451)", "external_validation_failed"),
+    ],
+    ids=["openai-json", "message-json", "detail-json", "plain-text", "empty"],
+)
+async def test_4xx_rejects_with_the_validators_status_and_message(validator, plugins, answer, status, message, code):
+    validator.script = [answer]
+    plugin = plugins({"url": validator.url})
+
+    with pytest.raises(Reject) as raised:
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert raised.value.status == status
+    assert raised.value.code == code
+    assert json.loads(raised.value.body)["error"]["message"] == message
+
+
+async def test_a_long_plain_text_verdict_is_cut_to_about_one_kilobyte(validator, plugins):
+    validator.script = [Answer(403, "x" * 10_000)]
+    plugin = plugins({"url": validator.url})
+
+    with pytest.raises(Reject) as raised:
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert 500 < len(raised.value.message) <= 1024
+
+
+async def test_post_request_sends_the_response_as_well(validator, plugins):
+    plugin = plugins({"url": validator.url}, stage=Stage.POST_REQUEST)
+    exchange = make_exchange(
+        headers={"x-tenant": "acme"},
+        body=CHAT,
+        response_headers={":status": "200", "content-type": "application/json"},
+        response_body=b'{"choices": [{"message": {"content": "hi"}}]}',
+    )
+
+    await run_plugin(plugin, exchange)
+
+    [call] = validator.calls
+    assert call.payload["stage"] == "post_request"
+    assert call.payload["response"] == {
+        "headers": {":status": "200", "content-type": "application/json"},
+        "body": {"choices": [{"message": {"content": "hi"}}]},
+    }
+    assert call.payload["request"]["headers"] == {"x-tenant": "acme"}
+    assert call.payload["request"]["body"] == json.loads(CHAT)
+
+
+async def test_a_body_that_is_not_json_is_sent_as_text(validator, plugins):
+    plugin = plugins({"url": validator.url})
+
+    await run_plugin(plugin, make_exchange(body=b"plain words \xff"))
+
+    assert validator.calls[0].payload["request"]["body"] == "plain words \ufffd"
+
+
+# -- what the validator is sent -------------------------------------------------------------------
+
+SECRETS = {
+    "authorization": "Bearer sk-client-secret",
+    "cookie": "session=s3cr3t",
+    "x-api-key": "key-123",
+    "proxy-authorization": "Basic cHJveHk=",
+}
+
+
+async def test_credentials_are_not_forwarded_by_default(validator, plugins):
+    plugin = plugins({"url": validator.url, "headers": {"authorization": "Bearer validator-token"}})
+
+    await run_plugin(plugin, make_exchange(headers={**SECRETS, "x-tenant": "acme"}, body=CHAT))
+
+    [call] = validator.calls
+    assert call.payload["request"]["headers"] == {"x-tenant": "acme"}
+    # The validator's own credential, from config, is what authenticates the call.
+    assert call.headers["authorization"] == "Bearer validator-token"
+
+
+async def test_forward_headers_sends_exactly_the_named_headers(validator, plugins):
+    plugin = plugins({"url": validator.url, "forward_headers": ["Authorization", "x-tenant"]})
+
+    await run_plugin(plugin, make_exchange(headers={**SECRETS, "x-tenant": "acme", "x-other": "1"}, body=CHAT))
+
+    assert validator.calls[0].payload["request"]["headers"] == {
+        "authorization": "Bearer sk-client-secret",
+        "x-tenant": "acme",
+    }
+
+
+@pytest.mark.parametrize(
+    ("send", "parts", "needs"),
+    [
+        (["headers"], {"headers"}, BodyNeeds()),
+        (["body"], {"body"}, BodyNeeds(request=True)),
+        (["headers", "body"], {"headers", "body"}, BodyNeeds(request=True)),
+    ],
+)
+async def test_send_limits_the_parts_sent_and_the_bodies_asked_of_envoy(validator, plugins, send, parts, needs):
+    plugin = plugins({"url": validator.url, "send": send})
+
+    await run_plugin(plugin, make_exchange(headers={"x-tenant": "acme"}, body=CHAT))
+
+    assert set(validator.calls[0].payload["request"]) == parts
+    assert plugin.body_needs() == needs
+
+
+def test_post_request_with_body_asks_envoy_for_both_bodies(plugins):
+    assert plugins({}, stage=Stage.POST_REQUEST).body_needs() == BodyNeeds(request=True, response=True)
+    assert plugins({"send": ["headers"]}, stage=Stage.POST_REQUEST).body_needs() == BodyNeeds()
+
+
+# -- retries, timeouts, failures ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overloaded", [503, 429])
+async def test_overload_is_retried_with_growing_backoff_until_allowed(validator, plugins, overloaded):
+    validator.script = [Answer(overloaded), Answer(overloaded), Answer(200)]
+    plugin = plugins({"url": validator.url, "retries": 2, "backoff": "100ms"})
+
+    await run_plugin(plugin, make_exchange(body=CHAT))
+
+    first, second, third = (call.at for call in validator.calls)
+    assert len(validator.calls) == 3
+    assert second - first >= 0.09  # backoff minus jitter
+    assert third - second > 1.3 * (second - first)  # doubled
+
+
+async def test_a_failing_validator_raises_after_all_retries(validator, plugins):
+    validator.script = [Answer(503)]
+    plugin = plugins({"url": validator.url, "retries": 2, "backoff": "10ms"})
+
+    with pytest.raises(ExternalValidatorUnavailable, match="after 3 attempt.*HTTP 503"):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert len(validator.calls) == 3
+
+
+async def test_a_4xx_verdict_is_not_retried(validator, plugins):
+    validator.script = [Answer(400, "bad"), Answer(200)]
+    plugin = plugins({"url": validator.url, "retries": 2, "backoff": "10ms"})
+
+    with pytest.raises(Reject):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert len(validator.calls) == 1
+
+
+async def test_a_slow_validator_times_out_each_attempt(validator, plugins):
+    slow = 10.0
+    validator.script = [Answer(200, delay=slow)]
+    plugin = plugins({"url": validator.url, "timeout": "100ms", "retries": 1, "backoff": "10ms"})
+
+    started = time.monotonic()
+    with pytest.raises(ExternalValidatorUnavailable, match="no answer within 0.1s"):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert time.monotonic() - started < slow / 4
+    assert len(validator.calls) == 2
+
+
+async def test_a_refused_connection_raises(plugins):
+    url = closed_port_url()
+    plugin = plugins({"url": url, "retries": 1, "backoff": "10ms"})
+
+    with pytest.raises(ExternalValidatorUnavailable, match="ConnectError") as raised:
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert url in str(raised.value)
+    assert raised.value.attempts == 2
+
+
+async def test_retries_stop_where_the_plugin_timeout_would_cut_them(validator, plugins):
+    validator.script = [Answer(503)]
+    plugin = plugins({"url": validator.url, "retries": 5, "backoff": "1s"}, timeout=0.5)
+
+    with pytest.raises(ExternalValidatorUnavailable, match="no time left"):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert len(validator.calls) == 1
+
+
+async def test_failures_reveal_no_request_content_or_credentials(validator, plugins, caplog):
+    caplog.set_level(logging.DEBUG)
+    validator.script = [Answer(503, "echo: SECRET-PROMPT")]
+    url = validator.url.replace("http://", "http://user:url-password@") + "?token=url-token"
+    plugin = plugins({"url": url, "retries": 1, "backoff": "10ms", "headers": {"x-validator-key": "validator-token"}})
+    body = json.dumps({"messages": [{"role": "user", "content": "SECRET-PROMPT"}]}).encode()
+
+    with pytest.raises(ExternalValidatorUnavailable) as raised:
+        await run_plugin(plugin, make_exchange(headers=SECRETS, body=body))
+
+    # The URL's user info still authenticates the call, as basic auth.
+    assert validator.calls[0].headers["authorization"].startswith("Basic ")
+    assert "retrying" in caplog.text
+    everything_logged = caplog.text + str(raised.value)
+    for secret in ("SECRET-PROMPT", "url-password", "validator-token", *SECRETS.values()):
+        assert secret not in everything_logged
+    # httpx itself logs request URLs (query included) at INFO; what pluginchain says must not.
+    ours = "".join(r.getMessage() for r in caplog.records if r.name.startswith("pluginchain")) + str(raised.value)
+    assert "url-token" not in ours
+
+
+# -- connections ----------------------------------------------------------------------------------
+
+
+async def test_sequential_calls_reuse_one_connection(validator, plugins):
+    plugin = plugins({"url": validator.url})
+
+    for _ in range(5):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+
+    assert len(validator.calls) == 5
+    assert len({call.peer for call in validator.calls}) == 1
+
+
+async def test_concurrent_requests_are_validated_concurrently(validator, plugins):
+    validator.script = [Answer(200, delay=0.1)]
+    plugin = plugins({"url": validator.url})
+
+    started = time.monotonic()
+    for _ in range(5):
+        await run_plugin(plugin, make_exchange(body=CHAT))
+    five_sequential = time.monotonic() - started
+
+    started = time.monotonic()
+    await asyncio.gather(*(run_plugin(plugin, make_exchange(body=CHAT)) for _ in range(20)))
+    twenty_concurrent = time.monotonic() - started
+
+    assert len(validator.calls) == 25
+    # Twenty in parallel take less than two and a half one after another.
+    assert twenty_concurrent < five_sequential / 2
+
+
+async def test_a_closed_plugin_can_be_closed_again(validator, plugins):
+    plugin = plugins({"url": validator.url})
+    await run_plugin(plugin, make_exchange(body=CHAT))
+
+    await plugin.aclose()
+    await plugin.aclose()
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_an_entry_without_config_validates_against_the_local_default(plugins):
+    plugin = plugins({})
+
+    assert plugin.config.url == DEFAULT_URL
+    assert plugin.config.timeout == 2.0
+    assert plugin.config.retries == 2
+    assert plugin.config.backoff == 0.1
+    assert plugin.config.send == ("headers", "body")
+
+
+@pytest.mark.parametrize(
+    ("config", "complaint"),
+    [
+        ({"url": "ftp://validator/check"}, "url must start with http:// or https://"),
+        ({"url": "validator:8090/check"}, "url must start with http:// or https://"),
+        ({"url": "http:///check"}, "url has no host"),
+        ({"retries": -1}, "retries must be 0 or more, got -1"),
+        ({"max_connections": 0}, "max_connections must be 1 or more"),
+        ({"retry": 3}, "Extra inputs are not permitted"),
+        ({"send": ["headers", "cookies"]}, "unknown part 'cookies' in send"),
+        ({"timeout": "soon"}, "not a duration"),
+        ({"headers": {"x bad": "1"}}, "not a valid header name in headers"),
+        ({"headers": {"authorization": "Bearer a\r\nx-injected: 1"}}, "value of header 'authorization'"),
+        ({"forward_headers": ["x tenant"]}, "not a valid header name in forward_headers"),
+    ],
+)
+def test_config_errors_name_what_is_wrong(config, complaint):
+    with pytest.raises(ValidationError, match=complaint):
+        ExternalValidator.Config.model_validate(config)

@@ -1,0 +1,155 @@
+"""The ext_proc service, spoken to over real gRPC streams the way Envoy speaks to it."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tracemalloc
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pluginchain.server import Sidecar, SidecarSettings
+
+Mode = processing_mode_pb2.ProcessingMode
+PLUGINS = (str(Path(__file__).parents[1] / "e2e" / "custom_plugins.py"),)
+
+
+@pytest.fixture
+async def start_sidecar(tmp_path):
+    sidecars: list[Sidecar] = []
+
+    async def start(chain_yaml: str, **settings) -> tuple[Sidecar, pb_grpc.ExternalProcessorStub]:
+        path = tmp_path / "chain.yaml"
+        path.write_text(chain_yaml)
+        sidecar = Sidecar(SidecarSettings(config=path, plugin_modules=PLUGINS, port=0, metrics_port=None, grace=2, **settings))
+        await sidecar.start()
+        sidecars.append(sidecar)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}")
+        channels.append(channel)
+        return sidecar, pb_grpc.ExternalProcessorStub(channel)
+
+    channels: list[grpc.aio.Channel] = []
+    yield start
+    for channel in channels:
+        await channel.close()
+    for sidecar in sidecars:
+        await sidecar.drain()
+
+
+def request_headers(end_of_stream: bool = False, **headers: str) -> pb.ProcessingRequest:
+    header_map = base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=key.replace("_", "-"), raw_value=value.encode())
+        for key, value in {":method": "POST", ":path": "/v1/chat/completions", **headers}.items()
+    ])
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map, end_of_stream=end_of_stream))
+
+
+async def exchange(stub, *requests: pb.ProcessingRequest, metadata=()) -> list[pb.ProcessingResponse]:
+    call = stub.Process(metadata=metadata)
+    answers = []
+    for request in requests:
+        await call.write(request)
+        answers.append(await call.read())
+    await call.done_writing()
+    return answers
+
+
+async def test_the_mode_override_asks_only_for_what_the_chain_needs(start_sidecar):
+    _, stub = await start_sidecar("""
+chains:
+  default: [{name: stamp}]
+  bodies: [{name: content_filter, config: {banned_patterns: [x]}}]
+  responses: [{name: content_filter, stage: post_request, config: {banned_patterns: [x]}}]
+""")
+    [headers_only] = await exchange(stub, request_headers())
+    assert headers_only.mode_override.request_body_mode == Mode.NONE
+    assert headers_only.mode_override.response_header_mode == Mode.SKIP
+    assert headers_only.request_headers.response.header_mutation.set_headers[0].header.key == "x-pluginchain-stamp"
+
+    [bodies] = await exchange(stub, request_headers(), metadata=(("x-pluginchain-chain", "bodies"),))
+    assert bodies.mode_override.request_body_mode == Mode.BUFFERED
+    assert bodies.mode_override.response_header_mode == Mode.SKIP
+
+    [responses] = await exchange(stub, request_headers(), metadata=(("x-pluginchain-chain", "responses"),))
+    assert responses.mode_override.request_body_mode == Mode.NONE
+    assert responses.mode_override.response_header_mode == Mode.SEND
+    assert responses.mode_override.response_body_mode == Mode.BUFFERED
+
+
+async def test_a_replaced_body_carries_its_new_content_length(start_sidecar):
+    _, stub = await start_sidecar("plugins: [{name: content_filter, config: {banned_patterns: [secret], action: redact}}]")
+    body = b'{"messages": [{"role": "user", "content": "a secret"}]}'
+    _, answer = await exchange(
+        stub,
+        request_headers(content_length=str(len(body))),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+    )
+    common = answer.request_body.response
+    new_body = common.body_mutation.body
+    assert b"[REDACTED]" in new_body and b"secret" not in new_body
+    lengths = [h.header.raw_value for h in common.header_mutation.set_headers if h.header.key == "content-length"]
+    assert lengths == [str(len(new_body)).encode()]
+
+
+async def test_a_malformed_request_gets_an_answer_and_the_service_keeps_serving(start_sidecar):
+    _, stub = await start_sidecar("plugins: [{name: content_validator, config: {max_messages: 3}}]")
+    _, answer = await exchange(
+        stub, request_headers(), pb.ProcessingRequest(request_body=pb.HttpBody(body=b"\xff\xfe not json", end_of_stream=True))
+    )
+    assert answer.immediate_response.status.code == 400
+    [again] = await exchange(stub, request_headers(end_of_stream=True))
+    assert again.WhichOneof("response") == "request_headers"
+
+
+async def test_thousands_of_cancelled_streams_leak_no_tasks_or_memory(start_sidecar):
+    _, stub = await start_sidecar("plugins: [{name: slow, config: {seconds: 30}}]")
+
+    async def requests():
+        yield request_headers(end_of_stream=True)
+        await asyncio.Event().wait()  # like Envoy, keep the stream open until it is cancelled
+
+    async def cancelled_stream() -> None:
+        call = stub.Process(requests())
+        await asyncio.sleep(0.01)  # the sidecar is now inside the slow plugin
+        call.cancel()
+
+    async def round_of(count: int) -> None:
+        for start in range(0, count, 100):
+            await asyncio.gather(*(cancelled_stream() for _ in range(min(100, count - start))))
+        await asyncio.sleep(0.3)  # let the server side notice the cancellations
+        gc.collect()
+
+    await round_of(500)  # warm up caches, pools and lazily created state
+    baseline_tasks = len(asyncio.all_tasks())
+    tracemalloc.start()
+    try:
+        await round_of(500)
+        after_first, _ = tracemalloc.get_traced_memory()
+        await round_of(2000)
+        after_more, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(asyncio.all_tasks()) <= baseline_tasks + 2
+    # Four times the streams must not cost (roughly) four times the memory: nothing per stream stays.
+    assert after_more < after_first * 1.5 + 256 * 1024, (after_first, after_more)
+
+
+async def test_draining_reports_not_serving_and_lets_in_flight_streams_finish(start_sidecar):
+    sidecar, stub = await start_sidecar("plugins: [{name: slow, config: {seconds: 0.5}}]")
+    call = stub.Process()
+    await call.write(request_headers(end_of_stream=True))
+    await asyncio.sleep(0.1)
+    drain = asyncio.ensure_future(sidecar.drain())
+    await asyncio.sleep(0.1)
+    status = await sidecar.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    answer = await call.read()
+    assert answer.WhichOneof("response") == "request_headers"
+    await drain
