@@ -28,7 +28,7 @@ def envoy_binary() -> str:
 class EnvoyProcess:
     """One Envoy process with a given bootstrap; ``start`` waits until it is ready."""
 
-    def __init__(self, config: dict, log_level: str = "warning"):
+    def __init__(self, config: dict, log_level: str = "error"):
         self.config = config
         self.log_level = log_level
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]

@@ -1,0 +1,160 @@
+"""content_validator: reject malformed or oversized LLM requests before they reach the upstream.
+
+Each rule is optional; a failed rule answers the client with status 400 (413 for
+``max_body_bytes``, the status HTTP has for exactly that), an OpenAI-style error whose code is
+the rule's name, and a message naming the rule and the numbers, e.g.
+``content_validator: max_messages: 12 messages exceed the limit of 10``. The first rule that
+fails answers; they are checked cheapest first: ``max_body_bytes``, ``require_json``,
+``required_fields``, ``allowed_models``, ``max_messages``, ``max_chars``.
+
+A request without a body (``GET /v1/models``) has no content to validate: only
+``max_body_bytes`` applies to it. With ``require_json: false`` a body that is not a JSON object
+passes the rules that read JSON (they have nothing to read); an LLM API refuses it anyway.
+Messages and characters are counted as :mod:`pluginchain.plugins.llm_text` defines them, so
+the validator and ``content_filter`` agree on what the conversation is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from pluginchain.api import BodyNotJSON, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain.plugins.llm_text import conversation_chars, message_count
+
+_ECHO_LIMIT = 100
+"""Longest piece of client input quoted back in an error message, in characters."""
+
+
+def _check_field_path(path: str) -> str:
+    if not path or any(not segment for segment in path.split(".")):
+        raise ValueError(f"{path!r} is not a field path: write object keys joined by dots, like 'metadata.user'")
+    return path
+
+
+FieldPath = Annotated[str, AfterValidator(_check_field_path)]
+
+
+class ContentValidatorConfig(PluginConfig):
+    """Settings of ``content_validator``; at least one rule must be set."""
+
+    require_json: bool = True
+    """Whether a request body must be a JSON object (default true); else 400 ``require_json``."""
+    max_body_bytes: int | None = Field(default=None, gt=0)
+    """Largest request body in bytes, as received (default: no limit); else 413."""
+    max_messages: int | None = Field(default=None, gt=0)
+    """Most entries of ``messages`` (chat) or ``input`` (Responses API) (default: no limit)."""
+    max_chars: int | None = Field(default=None, gt=0)
+    """Most characters (Unicode code points) of prompt text in ``messages``, ``prompt``,
+    ``input``, ``instructions`` and ``system`` together (default: no limit)."""
+    allowed_models: tuple[str, ...] | None = None
+    """The only values ``model`` may have (default: any); a JSON request without ``model`` is
+    refused too, so the allow-list cannot be bypassed by leaving the model out."""
+    required_fields: tuple[FieldPath, ...] | None = None
+    """Fields a JSON request must have, not null: top-level keys or dotted paths through nested
+    objects such as ``metadata.user`` (default: none)."""
+
+    @field_validator("allowed_models", "required_fields")
+    @classmethod
+    def _not_empty(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # Not min_length: pydantic would repeat that error whenever one entry is invalid.
+        if values is not None and not values:
+            raise ValueError("an empty list would refuse everything or nothing; leave the rule out instead")
+        return values
+
+    @model_validator(mode="after")
+    def _some_rule_is_set(self) -> ContentValidatorConfig:
+        limits = (self.max_body_bytes, self.max_messages, self.max_chars, self.allowed_models, self.required_fields)
+        if not self.require_json and all(limit is None for limit in limits):
+            raise ValueError(
+                "no rule is set: set require_json, max_body_bytes, max_messages, max_chars, "
+                "allowed_models or required_fields"
+            )
+        return self
+
+
+class ContentValidator(Plugin):
+    """Rejects requests that break the configured shape and size rules."""
+
+    name = "content_validator"
+    Config = ContentValidatorConfig
+    stages = frozenset({Stage.PRE_REQUEST})
+    supports_parallel = True
+    reads_body = True
+
+    config: ContentValidatorConfig
+
+    async def execute(self, ctx: PluginContext, data: PluginData) -> None:
+        config = self.config
+        body = data.body
+        if not body:
+            return
+        if config.max_body_bytes is not None and len(body) > config.max_body_bytes:
+            raise _rejection(
+                "max_body_bytes", f"body of {len(body)} bytes exceeds the limit of {config.max_body_bytes} bytes", 413
+            )
+        document = self._json_object(data)
+        if document is None:
+            return
+        if config.required_fields:
+            missing = [path for path in config.required_fields if _lookup(document, path) is None]
+            if missing:
+                names = ", ".join(repr(path) for path in missing)
+                what = f"field {names} is" if len(missing) == 1 else f"fields {names} are"
+                raise _rejection("required_fields", f"{what} missing")
+        if config.allowed_models:
+            self._check_model(document.get("model"))
+        if config.max_messages is not None:
+            count = message_count(document)
+            if count > config.max_messages:
+                raise _rejection("max_messages", f"{count} messages exceed the limit of {config.max_messages}")
+        if config.max_chars is not None:
+            chars = conversation_chars(document)
+            if chars > config.max_chars:
+                raise _rejection("max_chars", f"{chars} characters exceed the limit of {config.max_chars}")
+
+    def _json_object(self, data: PluginData) -> dict | None:
+        try:
+            document = data.json()
+        except BodyNotJSON as error:
+            if self.config.require_json:
+                raise _rejection("require_json", _clip(str(error))) from None
+            return None
+        if isinstance(document, dict):
+            return document
+        if self.config.require_json:
+            raise _rejection("require_json", f"body is a JSON {_json_kind(document)}, expected an object")
+        return None
+
+    def _check_model(self, model: Any) -> None:
+        allowed = ", ".join(self.config.allowed_models or ())
+        if model is None:
+            raise _rejection("allowed_models", f"request names no model; allowed models: {allowed}")
+        if not isinstance(model, str):
+            raise _rejection("allowed_models", f"model must be a string, got a JSON {_json_kind(model)}")
+        if model not in self.config.allowed_models:
+            raise _rejection("allowed_models", f"model {_clip(model)!r} is not allowed; allowed models: {allowed}")
+
+
+def _rejection(rule: str, detail: str, status: int = 400) -> Reject:
+    return Reject(status, f"content_validator: {rule}: {detail}", code=rule, type="invalid_request_error")
+
+
+def _lookup(document: dict, path: str) -> Any:
+    value: Any = document
+    for key in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _ECHO_LIMIT else text[:_ECHO_LIMIT] + "…"
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(value), "null")

@@ -1,0 +1,327 @@
+"""The built-in ``rate_limiter``: admit at most ``limit`` requests per ``window`` for each key.
+
+It uses GCRA (the generic cell rate algorithm, a leaky bucket kept as one timestamp per key)
+instead of fixed windows. Requests are spaced by the emission interval ``T = window / limit`` and
+a burst of up to ``limit`` is tolerated, so:
+
+- at most ``limit`` requests are admitted at once, and after a burst one more per ``T``;
+- over any span of time ``t`` at most ``limit + t / T`` are admitted; there is no window edge
+  where a client can spend the limit twice in quick succession (a fixed window admits
+  ``2 * limit`` around its edge);
+- the state per key is one number, the theoretical arrival time (TAT) of the next request; the
+  bucket is full again once the TAT is in the past, so idle keys can be forgotten.
+
+Two backends keep that state. ``memory`` keeps it in this process (each replica has its own
+limit); a decision is plain synchronous code, hence atomic on the event loop. ``redis`` keeps it
+in Redis/Valkey and decides with one Lua script on the server clock, so all replicas share one
+limit. When Redis cannot answer in time, ``on_backend_error`` decides, and the failure is logged
+and counted.
+
+The bucket key is a SHA-256 of (chain, plugin id, key value): API keys and addresses never reach
+Redis or memory dumps in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import time
+import weakref
+from typing import Literal
+
+from prometheus_client import Counter
+from pydantic import Field, field_validator, model_validator
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from pluginchain.api import (
+    InstanceSettings,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    PluginData,
+    Reject,
+    Stage,
+)
+from pluginchain.durations import Duration, format_duration
+
+BACKEND_ERRORS = Counter(
+    "pluginchain_rate_limiter_backend_errors",
+    "Rate limit decisions the backend (Redis) could not make, by what on_backend_error decided.",
+    ["chain", "plugin", "decision"],
+)
+
+_MICROS = 1_000_000
+_HEADER_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_KEY_FORMS = "'global', 'client_address' or 'header:<name>' (e.g. 'header:x-api-key')"
+_BACKEND_ERROR_RETRY_AFTER = "1"
+_WARNING_INTERVAL = 10.0
+"""Seconds between two backend-error warnings of one instance, so an outage is not a log flood."""
+
+
+class RateLimiterConfig(PluginConfig):
+    """Config of ``rate_limiter``. ``{}`` is valid: 100 requests per minute for everyone together."""
+
+    limit: int = Field(100, gt=0)
+    """Requests admitted per ``window`` per key, and the largest burst admitted at once. Default 100."""
+
+    window: Duration = 60.0
+    """The period ``limit`` applies to (e.g. ``"1m"``). Default 1 minute."""
+
+    key: str = "global"
+    """What a bucket is per: ``global`` (one bucket for the chain entry, the default),
+    ``client_address`` (per client IP as Envoy saw it), or ``header:<name>`` (per value of a
+    request header, e.g. ``header:x-api-key``; requests without it share one bucket)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    """Where the buckets live: ``memory`` (per replica, the default) or ``redis`` (shared by all
+    replicas that use the same Redis)."""
+
+    redis_url: str | None = None
+    """``redis://``, ``rediss://`` or ``unix://`` URL; required with ``backend: redis`` and refused
+    otherwise (a URL with the memory backend would silently give each replica its own limit)."""
+
+    redis_timeout: Duration = 0.25
+    """How long one decision may wait for Redis before ``on_backend_error`` applies. Default 250ms,
+    small against a request's latency budget."""
+
+    on_backend_error: Literal["allow", "deny"] = "allow"
+    """What happens to a request when Redis fails or times out: ``allow`` (default; an outage of
+    the limiter does not become an outage of the gateway) or ``deny`` (answer 429)."""
+
+    key_prefix: str = Field("pluginchain:ratelimit", min_length=1)
+    """Prefix of the Redis keys, before ``:<sha256>``. Default ``pluginchain:ratelimit``."""
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit_is_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError(f"limit must be a positive integer, got {value!r}")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_a_known_form(cls, value: str) -> str:
+        if value in ("global", "client_address"):
+            return value
+        kind, _, header = value.partition(":")
+        header = header.strip().lower()
+        if kind == "header" and header and set(header) <= _HEADER_TOKEN:
+            return f"header:{header}"
+        raise ValueError(f"not a rate limit key: {value!r}; expected {_KEY_FORMS}")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"not a Redis URL: {value!r}; expected redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_url_matches_backend(self) -> RateLimiterConfig:
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("backend 'redis' needs redis_url, e.g. 'redis://valkey:6379/0'")
+        if self.backend == "memory" and self.redis_url is not None:
+            raise ValueError("redis_url is set but backend is 'memory'; set backend: redis to use it")
+        return self
+
+
+class _Verdict:
+    """One decision, in microseconds: whether it was admitted and how long until the bucket is full."""
+
+    __slots__ = ("admitted", "until_full")
+
+    def __init__(self, admitted: bool, until_full: int):
+        self.admitted = admitted
+        self.until_full = until_full
+
+
+class _MemoryBuckets:
+    """TAT per bucket key for one (chain, plugin id, limit, window), in monotonic microseconds."""
+
+    _SWEEP_EVERY = 1024
+
+    __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
+
+    def __init__(self) -> None:
+        self._tat: dict[str, int] = {}
+        self._decisions_since_sweep = 0
+
+    def decide(self, bucket: str, interval: int, capacity: int) -> _Verdict:
+        # No await in here: on one event loop this read-modify-write cannot interleave.
+        now = time.monotonic_ns() // 1000
+        self._decisions_since_sweep += 1
+        # Sweeping costs one pass over the dict; spacing sweeps by its size keeps that O(1) per
+        # decision while holding at most about twice the live buckets.
+        if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
+            self._sweep(now)
+        tat = max(self._tat.get(bucket, now), now)
+        next_tat = tat + interval
+        if next_tat - now > capacity:
+            return _Verdict(False, tat - now)
+        self._tat[bucket] = next_tat
+        return _Verdict(True, next_tat - now)
+
+    def _sweep(self, now: int) -> None:
+        self._decisions_since_sweep = 0
+        self._tat = {bucket: tat for bucket, tat in self._tat.items() if tat > now}
+
+
+# Buckets outlive a plugin instance while any instance with the same identity and rate exists,
+# so a plan reload that keeps the entry keeps its counts; unused stores go with their instances.
+_MEMORY_STORES: weakref.WeakValueDictionary[tuple[str, str, int, float], _MemoryBuckets] = (
+    weakref.WeakValueDictionary()
+)
+
+# KEYS[1]: the bucket. ARGV[1]: emission interval, ARGV[2]: capacity (limit * interval), both in
+# microseconds. Returns {admitted (1/0), microseconds until the bucket is full}. The server clock
+# makes every replica agree on "now". TAT values (~1.7e15) fit a Lua double exactly; formatting
+# them with '%d' keeps every digit, which Lua 5.1's own number-to-string (14 digits) would not.
+_GCRA_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local interval = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local next_tat = tat + interval
+if next_tat - now > capacity then
+  return {0, tat - now}
+end
+local until_full = next_tat - now
+redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil(until_full / 1000))
+return {1, until_full}
+"""
+
+
+class RateLimiter(Plugin):
+    """Reject requests over ``limit`` per ``window`` per key with 429 and ``Retry-After``."""
+
+    name = "rate_limiter"
+    Config = RateLimiterConfig
+    stages = frozenset({Stage.PRE_REQUEST})
+    supports_parallel = False
+    reads_body = False
+
+    config: RateLimiterConfig
+
+    def __init__(self, config: RateLimiterConfig, settings: InstanceSettings):
+        super().__init__(config, settings)
+        self._interval = max(1, round(config.window * _MICROS / config.limit))
+        self._capacity = self._interval * config.limit
+        self._header = config.key.removeprefix("header:") if config.key.startswith("header:") else None
+        # The identity part of every bucket hash, JSON-encoded so it cannot run into the value.
+        identity = json.dumps([settings.chain, settings.id, config.key]).encode() + b"\n"
+        self._identity_hash = hashlib.sha256(identity)
+        self._global_bucket = self._bucket_for(None) if config.key == "global" else None
+        self._reject_message = (
+            f"rate limit exceeded: {config.limit} requests per {format_duration(config.window)}"
+        )
+        self._last_warning_at = -math.inf
+        self._suppressed_warnings = 0
+        self._memory: _MemoryBuckets | None = None
+        self._redis: Redis | None = None
+        if config.backend == "memory":
+            store_key = (settings.chain, settings.id, config.limit, config.window)
+            self._memory = _MEMORY_STORES.get(store_key)
+            if self._memory is None:
+                self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
+        else:
+            assert config.redis_url is not None
+            self._redis = Redis.from_url(
+                config.redis_url,
+                socket_timeout=config.redis_timeout,
+                socket_connect_timeout=config.redis_timeout,
+                # One try: a retry would outlast redis_timeout, and on_backend_error covers failure.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._script = self._redis.register_script(_GCRA_SCRIPT)
+            self._allowed_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "allow")
+            self._denied_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "deny")
+
+    async def execute(self, ctx: PluginContext, data: PluginData) -> None:
+        bucket = self._global_bucket or self._bucket_for(self._key_value(data))
+        if self._memory is not None:
+            verdict = self._memory.decide(bucket, self._interval, self._capacity)
+        else:
+            verdict = await self._decide_in_redis(ctx, bucket)
+            if verdict is None:
+                return
+        limit = self.config.limit
+        reset = str(_ceil_seconds(verdict.until_full))
+        if not verdict.admitted:
+            retry_after = max(1, _ceil_seconds(verdict.until_full + self._interval - self._capacity))
+            raise Reject(
+                429,
+                f"{self._reject_message}; retry after {retry_after} s",
+                code="rate_limit_exceeded",
+                headers={
+                    "retry-after": str(retry_after),
+                    "x-ratelimit-limit": str(limit),
+                    "x-ratelimit-remaining": "0",
+                    "x-ratelimit-reset": reset,
+                },
+            )
+        remaining = (self._capacity - verdict.until_full) // self._interval
+        # With several limiters on one request, the client should see the one closest to rejecting.
+        earlier = data.metadata.get("rate_limit")
+        if earlier is None or earlier.get("remaining", math.inf) >= remaining:
+            data.metadata["rate_limit"] = {"limit": limit, "remaining": remaining, "reset": int(reset)}
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _key_value(self, data: PluginData) -> str | None:
+        if self._header is not None:
+            return data.headers.get(self._header)
+        return data.client_address
+
+    def _bucket_for(self, value: str | None) -> str:
+        digest = self._identity_hash.copy()
+        digest.update(json.dumps(value).encode())
+        return f"{self.config.key_prefix}:{digest.hexdigest()}"
+
+    async def _decide_in_redis(self, ctx: PluginContext, bucket: str) -> _Verdict | None:
+        """The verdict, or ``None`` when Redis failed and ``on_backend_error`` allows the request."""
+        try:
+            async with asyncio.timeout(self.config.redis_timeout):
+                admitted, until_full = await self._script(keys=[bucket], args=[self._interval, self._capacity])
+            return _Verdict(bool(admitted), int(until_full))
+        except (RedisError, OSError, TimeoutError) as error:
+            deny = self.config.on_backend_error == "deny"
+            (self._denied_on_error if deny else self._allowed_on_error).inc()
+            self._warn_backend_error(ctx, error, deny)
+            if deny:
+                raise Reject(
+                    429,
+                    "rate limit backend unavailable; request denied (on_backend_error: deny)",
+                    code="rate_limit_backend_unavailable",
+                    headers={"retry-after": _BACKEND_ERROR_RETRY_AFTER},
+                ) from None
+            return None
+
+    def _warn_backend_error(self, ctx: PluginContext, error: Exception, deny: bool) -> None:
+        now = time.monotonic()
+        if now - self._last_warning_at < _WARNING_INTERVAL:
+            self._suppressed_warnings += 1
+            return
+        suppressed, self._suppressed_warnings = self._suppressed_warnings, 0
+        self._last_warning_at = now
+        # The bucket and key value stay out of the line: they may be an API key.
+        ctx.logger.warning(
+            "rate limiter backend failed (%s: %s); %s the request per on_backend_error%s",
+            type(error).__name__,
+            error or "timed out",
+            "denied" if deny else "allowed",
+            f" ({suppressed} similar warnings suppressed)" if suppressed else "",
+        )
+
+
+def _ceil_seconds(micros: int) -> int:
+    return max(0, -(-micros // _MICROS))

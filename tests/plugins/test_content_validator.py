@@ -1,0 +1,169 @@
+"""content_validator refuses malformed or oversized requests, saying which rule and by how much."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from pluginchain import Reject
+from pluginchain.plugins.content_validator import ContentValidator
+from pluginchain.schema import pydantic_issues
+from pluginchain.testing import make_exchange, make_plugin, run_plugin
+
+
+def chat(messages=1, content="hi", model="gpt-4o", **extra) -> bytes:
+    conversation = [{"role": "user", "content": content} for _ in range(messages)]
+    return json.dumps({"model": model, "messages": conversation, **extra}).encode()
+
+
+def validator(**config):
+    return make_plugin(ContentValidator, config)
+
+
+async def rejection(plugin, body: bytes | None) -> Reject:
+    with pytest.raises(Reject) as info:
+        await run_plugin(plugin, make_exchange(body=body))
+    return info.value
+
+
+def error_of(reject: Reject) -> tuple[int, str, str]:
+    error = json.loads(reject.body)["error"]
+    assert error["type"] == "invalid_request_error"
+    return reject.status, error["code"], error["message"]
+
+
+async def test_a_request_within_every_rule_passes_unchanged():
+    plugin = validator(
+        max_body_bytes=10_000, max_messages=3, max_chars=100,
+        allowed_models=["gpt-4o", "gpt-4o-mini"], required_fields=["messages", "metadata.user"],
+    )
+    exchange = make_exchange(body=chat(messages=3, content="x" * 33, metadata={"user": "u1"}))
+
+    await run_plugin(plugin, exchange)
+
+    assert not exchange.request.body_replaced
+
+
+async def test_a_body_over_max_body_bytes_is_413():
+    body = chat()
+    reject = await rejection(validator(max_body_bytes=len(body) - 1), body)
+
+    assert error_of(reject) == (
+        413, "max_body_bytes",
+        f"content_validator: max_body_bytes: body of {len(body)} bytes exceeds the limit of {len(body) - 1} bytes",
+    )
+
+
+async def test_malformed_json_is_refused_by_default():
+    status, code, message = error_of(await rejection(validator(), b'{"model": "gpt-4o",'))
+
+    assert (status, code) == (400, "require_json")
+    assert message.startswith("content_validator: require_json: body is not valid JSON: ")
+
+
+async def test_a_json_body_must_be_an_object():
+    reject = await rejection(validator(), b'["gpt-4o"]')
+
+    assert error_of(reject) == (
+        400, "require_json", "content_validator: require_json: body is a JSON array, expected an object"
+    )
+
+
+async def test_without_require_json_a_text_body_passes():
+    await run_plugin(validator(require_json=False, allowed_models=["gpt-4o"]), make_exchange(body=b"plain text"))
+
+
+async def test_a_request_without_a_body_has_nothing_to_validate():
+    plugin = validator(allowed_models=["gpt-4o"], required_fields=["model"])
+
+    await run_plugin(plugin, make_exchange(headers={":method": "GET", ":path": "/v1/models"}))
+
+
+async def test_too_many_messages_are_counted_in_the_message():
+    reject = await rejection(validator(max_messages=10), chat(messages=12))
+
+    assert error_of(reject) == (
+        400, "max_messages", "content_validator: max_messages: 12 messages exceed the limit of 10"
+    )
+
+
+async def test_responses_api_input_items_count_as_messages():
+    body = json.dumps({"model": "gpt-4o", "input": [{"role": "user", "content": "hi"}] * 3}).encode()
+
+    reject = await rejection(validator(max_messages=2), body)
+
+    assert reject.code == "max_messages"
+
+
+async def test_too_many_characters_across_messages_and_parts():
+    parts = [{"type": "text", "text": "é" * 30}, {"type": "text", "text": "y" * 5}]
+    body = json.dumps({"model": "gpt-4o", "messages": [
+        {"role": "system", "content": "x" * 40},
+        {"role": "user", "content": parts},
+    ]}).encode()
+
+    await run_plugin(validator(max_chars=75), make_exchange(body=body))
+    reject = await rejection(validator(max_chars=74), body)
+
+    assert error_of(reject) == (400, "max_chars", "content_validator: max_chars: 75 characters exceed the limit of 74")
+
+
+async def test_a_model_outside_the_allow_list_is_named_with_the_allowed_ones():
+    plugin = validator(allowed_models=["gpt-4o", "gpt-4o-mini"])
+
+    reject = await rejection(plugin, chat(model="gpt-5"))
+
+    assert error_of(reject) == (
+        400, "allowed_models",
+        "content_validator: allowed_models: model 'gpt-5' is not allowed; allowed models: gpt-4o, gpt-4o-mini",
+    )
+
+
+async def test_leaving_the_model_out_does_not_bypass_the_allow_list():
+    reject = await rejection(validator(allowed_models=["gpt-4o"]), b'{"messages": []}')
+
+    assert error_of(reject)[2] == "content_validator: allowed_models: request names no model; allowed models: gpt-4o"
+
+
+async def test_a_missing_required_field_is_named():
+    plugin = validator(required_fields=["messages", "metadata.user"])
+
+    for body in (chat(), chat(metadata={"team": "a"}), chat(metadata={"user": None})):
+        reject = await rejection(plugin, body)
+        assert error_of(reject) == (
+            400, "required_fields", "content_validator: required_fields: field 'metadata.user' is missing"
+        )
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def config_issues(config: dict) -> list[str]:
+    with pytest.raises(ValidationError) as info:
+        ContentValidator.Config.model_validate(config)
+    return [str(issue) for issue in pydantic_issues(info.value, "config")]
+
+
+def test_an_empty_config_requires_json():
+    assert ContentValidator.Config.model_validate({}).require_json
+
+
+@pytest.mark.parametrize(
+    ("config", "issue"),
+    [
+        ({"require_json": False},
+         "config: no rule is set: set require_json, max_body_bytes, max_messages, max_chars, "
+         "allowed_models or required_fields"),
+        ({"max_messages": 0}, "config.max_messages: Input should be greater than 0"),
+        ({"allowed_models": []},
+         "config.allowed_models: an empty list would refuse everything or nothing; leave the rule out instead"),
+        ({"required_fields": ["metadata..user"]},
+         "config.required_fields[0]: 'metadata..user' is not a field path: "
+         "write object keys joined by dots, like 'metadata.user'"),
+        ({"max_tokens": 5}, "config.max_tokens: unknown field"),
+    ],
+)
+def test_config_mistakes_are_reported(config, issue):
+    assert config_issues(config) == [issue]

