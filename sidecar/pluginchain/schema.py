@@ -27,7 +27,7 @@ CHAIN_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 class PluginEntry(BaseModel):
     """One plugin in a chain, as the spec writes it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str
     """The registered plugin name, e.g. ``rate_limiter``."""
