@@ -13,20 +13,26 @@ import datetime
 import hashlib
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
+from pluginchain.engine import compile_plan
 from pluginchain.registry import PluginRegistry
-from pluginchain.schema import ConfigIssue, ConfigError, validate_document
+from pluginchain.schema import ConfigError, ConfigIssue, pydantic_issues, validate_document
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
 from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply, chain_message
-from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION, DEFAULT_CONFIG_PORT, LabelSelector, PluginChainSpec, spec_document
-from pluginchain.engine import compile_plan
-from pydantic import ValidationError
-from pluginchain.schema import pydantic_issues
+from pluginchain_operator.resources import (
+    CONFIG_PORT_ANNOTATION,
+    DEFAULT_CONFIG_PORT,
+    LabelSelector,
+    PluginChainSpec,
+    spec_document,
+)
 
 logger = logging.getLogger("pluginchain.operator")
 
@@ -360,4 +366,4 @@ def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[Con
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -159,7 +159,7 @@ class CompiledChain:
         views = [PluginData(stage, exchange) for _ in group.parallel]
         tasks = [
             asyncio.ensure_future(self._execute(self._members[plugin.id], view, exchange))
-            for plugin, view in zip(group.parallel, views)
+            for plugin, view in zip(group.parallel, views, strict=True)
         ]
         pending = set(tasks)
         stop: Reject | None = None
@@ -177,7 +177,7 @@ class CompiledChain:
                 await asyncio.gather(*pending, return_exceptions=True)
         if stop is not None:
             return stop
-        for task, view in zip(tasks, views):
+        for task, view in zip(tasks, views, strict=True):
             if task.result() is None:
                 view.apply()
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pluginchain import Plugin, PluginConfig, Stage
+from pluginchain import Plugin, PluginConfig
 from pluginchain.registry import PluginRegistrationError, PluginRegistry, default_registry
 
 CLI = str(Path(sys.executable).parent / "pluginchain")
