@@ -7,7 +7,7 @@ PORT ?= 8080
 UPSTREAM_PORT ?= 8000
 METRICS_PORT ?= 9090
 
-.PHONY: test run install clean
+.PHONY: test run install protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(STAMP)
 	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/pluginchain gateway --config examples/chain.yaml --upstream http://127.0.0.1:$(UPSTREAM_PORT) \
 		--port $(PORT) --metrics-port $(METRICS_PORT) --log-level warning
+
+# Regenerate sidecar/pluginchain/v1 from proto/ (a test fails when they drift).
+protos: $(STAMP)
+	scripts/gen_protos.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info sidecar/*.egg-info

@@ -223,8 +223,12 @@ class Controller:
         self._last_version = max(self._last_version + 1, time.time_ns() // 1000)
         return self._last_version
 
-    async def sync_pod(self, pod_key: Key, *, force: bool = False) -> SidecarState:
-        """Push the pod's full chain set unless it already runs it; record the outcome."""
+    async def sync_pod(self, pod_key: Key, *, force: bool = False, version: int | None = None) -> SidecarState:
+        """Push the pod's full chain set unless it already runs it; record the outcome.
+
+        Pods synced together get one ``version``, so a PluginChain's status shows one version
+        when all its sidecars run it.
+        """
         state = self.sidecars.setdefault(pod_key, SidecarState())
         async with state.lock:
             pod = self.pods.get(pod_key)
@@ -236,7 +240,9 @@ class Controller:
                 return state
             if not force and state.error is None and state.applied == wanted and state.version:
                 return state
-            chain_set = config_pb2.ChainSet(version=self._next_version(), chains=[r.message for r in winners])
+            # Under the pod's lock: never older than what this sidecar already acknowledged.
+            version = max(version or self._next_version(), state.version + 1)
+            chain_set = config_pb2.ChainSet(version=version, chains=[r.message for r in winners])
             last_error = None
             for attempt in range(self.push_attempts):
                 try:
@@ -255,7 +261,8 @@ class Controller:
 
     async def sync_pods(self, pod_keys: Iterable[Key], *, force: bool = False) -> None:
         keys = sorted(set(pod_keys))
-        await asyncio.gather(*(self.sync_pod(key, force=force) for key in keys))
+        version = self._next_version()
+        await asyncio.gather(*(self.sync_pod(key, force=force, version=version) for key in keys))
 
     async def verify_pod(self, pod_key: Key) -> None:
         """Re-push when the sidecar runs something else than it acknowledged (e.g. it restarted empty)."""

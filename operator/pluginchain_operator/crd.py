@@ -12,6 +12,7 @@ from typing import Any
 from pluginchain_operator.resources import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, PluginChainSpec
 
 CRD_PATH = "deploy/helm/pluginchain/crds/pluginchains.pluginchain.io.yaml"
+HEADER = "# Generated from the pydantic models by `pluginchain crd`; do not edit. A test fails when it drifts.\n"
 
 PRINTER_COLUMNS = [
     {"name": "Chain", "type": "string", "jsonPath": ".spec.chain"},

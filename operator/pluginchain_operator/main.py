@@ -6,14 +6,6 @@ import argparse
 import asyncio
 from pathlib import Path
 
-import kopf
-
-from pluginchain import logs
-from pluginchain.registry import default_registry
-from pluginchain_operator import handlers  # noqa: F401  (registers the kopf handlers)
-from pluginchain_operator.controller import Controller
-from pluginchain_operator.pushing import PushCredentials
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope = parser.add_mutually_exclusive_group()
@@ -34,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here so `pluginchain --help` and the sidecar's commands do not load kopf.
+    import kopf
+
+    from pluginchain import logs
+    from pluginchain.registry import default_registry
+    from pluginchain_operator import handlers  # noqa: F401  (importing registers the kopf handlers)
+    from pluginchain_operator.controller import Controller
+    from pluginchain_operator.pushing import PushCredentials
+
     logs.configure(args.log_level)
     controller = Controller(
         default_registry(args.plugins),

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Sequence
-
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -18,9 +17,9 @@ from pluginchain.envoy_config import EnvoySettings
 from pluginchain.envoy_config import render as render_envoy
 from pluginchain.extproc import Limits
 from pluginchain.gateway import run_gateway
-from pluginchain.server import Sidecar, SidecarSettings, run_until_signalled
 from pluginchain.registry import PluginRegistrationError, PluginRegistry, default_registry
 from pluginchain.schema import ConfigError, load_file
+from pluginchain.server import Sidecar, SidecarSettings, run_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,9 +47,16 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("file", metavar="FILE", help="chain file (JSON, JSON with // comments, or YAML)")
         _add_plugins_option(command)
 
-    serve = commands.add_parser("serve", help="run the ext_proc sidecar")
+    serve = commands.add_parser(
+        "serve",
+        help="run the ext_proc sidecar",
+        description="Run the ext_proc sidecar. File mode (--config FILE): serve FILE's chains, reloaded "
+        "on change and SIGHUP. Push mode (--config-port): the operator pushes chain sets to ConfigService; "
+        "the chain file is not watched.",
+    )
     serve.set_defaults(handler=_serve)
-    _add_sidecar_options(serve, default_port=50051)
+    _add_sidecar_options(serve, default_port=50051, push_mode=True)
+    _add_push_options(serve)
 
     gateway = commands.add_parser("gateway", help="run a real Envoy in front of the sidecar (local gateway)")
     gateway.set_defaults(handler=_gateway)
@@ -64,11 +70,40 @@ def _parser() -> argparse.ArgumentParser:
     envoy_config.add_argument("--sidecar-port", type=int, default=50051)
     envoy_config.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
     _add_envoy_options(envoy_config)
+
+    # The operator's modules (and kopf) load only when these commands run: a sidecar never needs them.
+    operator = commands.add_parser("operator", help="run the Kubernetes operator that pushes PluginChains to sidecars")
+    operator.set_defaults(handler=_operator)
+    from pluginchain_operator.main import add_arguments as add_operator_arguments
+
+    add_operator_arguments(operator)
+    crd = commands.add_parser("crd", help="print the PluginChain CustomResourceDefinition")
+    crd.set_defaults(handler=_crd)
     return parser
 
 
-def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int) -> None:
-    command.add_argument("--config", required=True, metavar="FILE", help="chain file; reloaded on change and SIGHUP")
+def _operator(args: argparse.Namespace) -> int:
+    from pluginchain_operator.main import run
+
+    return run(args)
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from pluginchain_operator.crd import HEADER, render_crd
+
+    print(HEADER + yaml.safe_dump(render_crd(), sort_keys=False, width=120), end="")
+    return 0
+
+
+def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int, push_mode: bool = False) -> None:
+    if push_mode:
+        command.add_argument(
+            "--config", metavar="FILE",
+            help="chain file; reloaded on change and SIGHUP. With --config-port: optional, not watched, "
+            "only the starting plan when the state file holds none",
+        )
+    else:
+        command.add_argument("--config", required=True, metavar="FILE", help="chain file; reloaded on change and SIGHUP")
     _add_plugins_option(command)
     command.add_argument("--host", default="127.0.0.1", help="ext_proc listen address (default 127.0.0.1)")
     command.add_argument("--sidecar-port", dest="sidecar_port", type=int, default=default_port,
@@ -78,6 +113,29 @@ def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int) ->
                          help="largest body the chain accepts; larger gets 413 (default 4 MiB)")
     command.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     command.add_argument("--log-level", default="info")
+
+
+def _add_push_options(command: argparse.ArgumentParser) -> None:
+    push = command.add_argument_group(
+        "push mode (ConfigService)",
+        "With --config-port the operator pushes chain sets over gRPC, authenticated by a bearer token; "
+        "the chain-file watcher is off and SIGHUP reloads nothing. The sidecar starts from the state file "
+        "if it holds a valid plan, else from --config, else with no chains (every request gets 500 until "
+        "a push: fail closed).",
+    )
+    push.add_argument("--config-port", type=int, metavar="PORT",
+                      help="serve ConfigService (and gRPC health) on PORT, e.g. 50052; 0 picks a free one")
+    push.add_argument("--config-host", default="0.0.0.0", metavar="HOST",
+                      help="ConfigService listen address (default 0.0.0.0: the operator calls from outside the pod)")
+    push.add_argument("--token-file", type=Path, metavar="FILE",
+                      help="file holding the bearer token every push must carry (a mounted Secret); re-read when it "
+                      "changes; required with --config-port")
+    push.add_argument("--state-file", type=Path, metavar="FILE",
+                      help="where the last applied chain set is kept (mode 0600), to resume it after a restart")
+    push.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate for ConfigService (TLS)")
+    push.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    push.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                      help="PEM CA; ConfigService then requires a client certificate signed by it (mTLS)")
 
 
 def _add_envoy_options(command: argparse.ArgumentParser) -> None:
@@ -103,14 +161,26 @@ def _compile(path: str, registry: PluginRegistry) -> Plan:
 
 
 def _sidecar_settings(args: argparse.Namespace) -> SidecarSettings:
+    push = {}
+    if hasattr(args, "config_port"):  # `serve` only; the local gateway always runs a chain file
+        push = {
+            "config_host": args.config_host,
+            "config_port": args.config_port,
+            "token_file": args.token_file,
+            "state_file": args.state_file,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+        }
     return SidecarSettings(
-        config=Path(args.config),
+        config=Path(args.config) if args.config is not None else None,
         plugin_modules=tuple(args.plugins),
         host=args.host,
         port=args.sidecar_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         limits=Limits(max_body_bytes=args.max_body_bytes),
         grace=args.grace,
+        **push,
     )
 
 
@@ -133,12 +203,20 @@ def _envoy_settings(args: argparse.Namespace, sidecar_port: int) -> EnvoySetting
 
 
 def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _sidecar_settings(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logs.configure(args.log_level)
     try:
-        sidecar = Sidecar(_sidecar_settings(args))
+        sidecar = Sidecar(settings)
     except ConfigError as error:
         print(error.render(), file=sys.stderr)
         return 1
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     asyncio.run(run_until_signalled(sidecar))
     return 0
 

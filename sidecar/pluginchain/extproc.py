@@ -73,7 +73,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 async for request in request_iterator:
                     yield await stream.answer(request)
             except BaseException:
-                stream.outcome = "cancelled"
+                # Envoy may reset a stream once it has every answer it needs; only a stream cut
+                # before its decision is a cancelled request.
+                if not stream.decided:
+                    stream.outcome = "cancelled"
                 raise
             finally:
                 REQUESTS.labels(chain_name, stream.outcome).inc()
@@ -99,7 +102,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 class _Stream:
     """The state of one HTTP request's exchange with Envoy."""
 
-    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome")
+    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided")
 
     def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits):
         self.chain = chain
@@ -108,6 +111,8 @@ class _Stream:
         self.limits = limits
         self.exchange = Exchange()
         self.outcome = "allow"
+        self.decided = False
+        """Whether the request's fate is sealed: rejected, or through every stage it runs."""
 
     async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         kind = request.WhichOneof("request")
@@ -193,6 +198,7 @@ class _Stream:
         result = await self.chain.run_stage(stage, self.exchange)
         if result.rejection is not None:
             self.outcome = "error" if result.rejection.plugin_id is None else "reject"
+        self.decided = result.rejection is not None or stage is Stage.POST_REQUEST or not self.chain.phases.response_headers
         return result.rejection
 
     def _too_large(self, which: str) -> pb.ProcessingResponse:
@@ -201,6 +207,7 @@ class _Stream:
         return self._immediate(Reject(413, message, code="body_too_large"))
 
     def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
+        self.decided = True
         headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
         immediate = pb.ImmediateResponse(
             status={"code": rejection.status},

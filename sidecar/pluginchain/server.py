@@ -1,5 +1,6 @@
-"""The sidecar process: ext_proc and health over grpc.aio, Prometheus metrics, chain-file reloads,
-and a graceful drain on SIGTERM."""
+"""The sidecar process: ext_proc and health over grpc.aio, Prometheus metrics, and a graceful drain
+on SIGTERM. Its plan comes from a chain file it watches (file mode) or from the operator's pushes
+to ConfigService on a port of its own (push mode, ``config_port``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -17,11 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
-from pluginchain.engine import compile_plan
+from pluginchain.config_service import SERVICE_NAME as CONFIG_SERVICE
+from pluginchain.config_service import ActiveConfig, ConfigGuard, ConfigService, StateFile, StateFileError, TokenFile
+from pluginchain.engine import Plan, compile_plan
 from pluginchain.extproc import ExternalProcessor, Limits
 from pluginchain.plans import ChainFileWatcher, PlanHolder
 from pluginchain.registry import default_registry
 from pluginchain.schema import load_file
+from pluginchain.v1 import config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.server")
 
@@ -30,10 +34,11 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 @dataclass(frozen=True)
 class SidecarSettings:
-    """How ``pluginchain serve`` runs."""
+    """How ``pluginchain serve`` runs. Invalid combinations raise ValueError naming the flags."""
 
-    config: Path
-    """The chain file; watched, and reloaded on change or SIGHUP."""
+    config: Path | None = None
+    """The chain file. File mode: required, watched, and reloaded on change or SIGHUP. Push mode:
+    optional, never watched; the starting plan when the state file holds none."""
     plugin_modules: tuple[str, ...] = ()
     """Modules to import custom plugins from, besides the entry points."""
     host: str = "127.0.0.1"
@@ -48,6 +53,48 @@ class SidecarSettings:
     """Seconds in-flight streams get to finish after SIGTERM."""
     reload_interval: float = 1.0
     """Seconds between checks of the chain file."""
+    config_host: str = "0.0.0.0"
+    """Address for ConfigService; the operator reaches it from outside the pod."""
+    config_port: int | None = None
+    """ConfigService gRPC port (the contract's default is 50052); None: file mode, no
+    ConfigService; 0 picks a free one. Setting it turns on push mode."""
+    token_file: Path | None = None
+    """File holding the bearer token every push must carry (a mounted Secret); re-read when it
+    changes. Required in push mode: the control plane never runs unauthenticated."""
+    tls_cert: Path | None = None
+    """PEM certificate chain ConfigService presents; with ``tls_key``, turns on TLS."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, ConfigService requires a client certificate it signed (mTLS)."""
+    state_file: Path | None = None
+    """Where push mode keeps the last applied chain set, to resume it after a restart. None:
+    a restarted sidecar waits for the operator with the ``config`` plan or none."""
+
+    def __post_init__(self) -> None:
+        if self.config_port is None:
+            pushed_only = {
+                "--token-file": self.token_file, "--tls-cert": self.tls_cert, "--tls-key": self.tls_key,
+                "--tls-client-ca": self.tls_client_ca, "--state-file": self.state_file,
+            }
+            given = [flag for flag, value in pushed_only.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with --config-port (push mode)")
+            if self.config is None:
+                raise ValueError("--config is required unless --config-port is given (push mode)")
+            return
+        if self.token_file is None:
+            raise ValueError("--config-port needs --token-file: ConfigService never accepts unauthenticated pushes")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if self.state_file is not None and not self.state_file.parent.is_dir():
+            raise ValueError(f"--state-file {self.state_file}: directory {self.state_file.parent} does not exist")
+
+    @property
+    def push_mode(self) -> bool:
+        return self.config_port is not None
 
 
 class Sidecar:
@@ -56,42 +103,126 @@ class Sidecar:
     def __init__(self, settings: SidecarSettings):
         self.settings = settings
         self.registry = default_registry(settings.plugin_modules)
-        # A bad file at start-up is fatal: there is no good plan to keep serving.
-        self.plans = PlanHolder(compile_plan(load_file(settings.config, self.registry), self.registry))
-        self.watcher = ChainFileWatcher(settings.config, self.registry, self.plans, settings.reload_interval)
+        self.watcher: ChainFileWatcher | None = None
+        self.config_service: ConfigService | None = None
+        self._server_credentials = _server_credentials(settings) if settings.push_mode else None
+        if settings.push_mode:
+            state_file = StateFile(settings.state_file) if settings.state_file is not None else None
+            plan, active = self._starting_plan(state_file)
+            self.plans = PlanHolder(plan, version=active.version)
+            self.config_service = ConfigService(self.plans, self.registry, active, state_file)
+            self._token = TokenFile(settings.token_file)
+        else:
+            assert settings.config is not None
+            # A bad file at start-up is fatal: there is no good plan to keep serving.
+            self.plans = PlanHolder(compile_plan(load_file(settings.config, self.registry), self.registry))
+            self.watcher = ChainFileWatcher(settings.config, self.registry, self.plans, settings.reload_interval)
         self.health = HealthServicer()
+        self.config_health = HealthServicer()
         self.port = 0
+        self.config_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._config_server: grpc.aio.Server | None = None
         self._metrics_server = None
         self._watch_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._drained = False
 
+    def _starting_plan(self, state_file: StateFile | None) -> tuple[Plan, ActiveConfig]:
+        """Push mode's first plan: the state file's, else the chain file's, else none (every
+        request gets 500 until the operator pushes: fail closed, never an unfiltered gateway)."""
+        settings = self.settings
+        fallback = f"the chain file {settings.config}" if settings.config else "no chains until the operator pushes"
+        if state_file is not None:
+            try:
+                restored = state_file.restore(self.registry)
+            except StateFileError as error:
+                # Not fatal: refusing to start would crash-loop the pod, while starting lets the
+                # operator push again. The file stays for inspection until a push replaces it.
+                logger.error("%s; ignoring it and starting with %s", error, fallback)
+            else:
+                if restored is not None:
+                    logger.info("resuming version %d from state file %s", restored.chain_set.version, state_file.path)
+                    return restored.plan, restored.active()
+                logger.info("no state file at %s yet; starting with %s", state_file.path, fallback)
+        if settings.config is not None:
+            # A bad chain file is fatal here as in file mode: there is no good plan to serve.
+            chains = load_file(settings.config, self.registry)
+            return compile_plan(chains, self.registry), ActiveConfig.from_file(chains, settings.config)
+        logger.warning("serving no chains: every request gets 500 until the operator pushes a chain set")
+        return Plan({}), ActiveConfig.empty()
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop_servers(0)
+            raise
+
+    async def _start(self) -> None:
         limits = self.settings.limits
         options = [
             ("grpc.max_receive_message_length", limits.grpc_message_bytes),
             ("grpc.max_send_message_length", limits.grpc_message_bytes),
         ]
         server = grpc.aio.server(options=options)
+        self._server = server
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.plans, limits), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
-        self._server = server
         for service in ("", EXT_PROC_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config_service is not None:
+            await self._start_config_server()
         if self.settings.metrics_port is not None:
             self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host)
             self.metrics_port = self._metrics_server.server_port
-        self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
+        if self.watcher is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
         logger.info(
-            "sidecar serving ext_proc on %s:%d, metrics on %s, chains: %s",
-            self.settings.host, self.port, self.metrics_port or "off", ", ".join(self.plans.plan.chains),
+            "sidecar serving ext_proc on %s:%d, %s, metrics on %s, chains: %s",
+            self.settings.host, self.port, self._plan_source(), self.metrics_port or "off",
+            ", ".join(self.plans.plan.chains) or "none",
+        )
+
+    async def _start_config_server(self) -> None:
+        assert self.config_service is not None and self.settings.config_port is not None
+        # No SO_REUSEPORT (gRPC's default): a second process on the port must fail to start rather
+        # than take a share of the pushes while serving another plan.
+        server = grpc.aio.server(interceptors=[ConfigGuard(self._token)], options=[("grpc.so_reuseport", 0)])
+        self._config_server = server
+        config_pb2_grpc.add_ConfigServiceServicer_to_server(self.config_service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.config_health, server)
+        address = f"{self.settings.config_host}:{self.settings.config_port}"
+        if self._server_credentials is None:
+            self.config_port = server.add_insecure_port(address)
+        else:
+            self.config_port = server.add_secure_port(address, self._server_credentials)
+        await server.start()
+        for service in ("", CONFIG_SERVICE):
+            await self.config_health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _plan_source(self) -> str:
+        if self.config_service is None:
+            return f"watching {self.settings.config}"
+        security = "plaintext"
+        if self.settings.tls_client_ca is not None:
+            security = "mTLS"
+        elif self.settings.tls_cert is not None:
+            security = "TLS"
+        active = self.config_service.active
+        return (
+            f"ConfigService on {self.settings.config_host}:{self.config_port} ({security}, bearer token), "
+            f"version {active.version} from {active.origin}"
         )
 
     async def reload(self) -> bool:
+        """Re-read the chain file now (SIGHUP); push mode has none to re-read."""
+        if self.watcher is None:
+            logger.info("reload ignored: in push mode the plan comes from ConfigService only")
+            return False
         return await self.watcher.reload(force=True)
 
     def request_reload(self) -> None:
@@ -106,16 +237,40 @@ class Sidecar:
             return
         self._drained = True
         await self.health.enter_graceful_shutdown()
+        await self.config_health.enter_graceful_shutdown()
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
-        if self._server is not None:
-            await self._server.stop(self.settings.grace)
+        await self._stop_servers(self.settings.grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         await self.plans.aclose()
         logger.info("sidecar stopped")
+
+    async def _stop_servers(self, grace: float) -> None:
+        # Together: a push in progress finishes (it is quick) while ext_proc streams drain.
+        servers = [s for s in (self._config_server, self._server) if s is not None]
+        await asyncio.gather(*(server.stop(grace) for server in servers))
+
+
+def _server_credentials(settings: SidecarSettings) -> grpc.ServerCredentials | None:
+    """ConfigService's TLS credentials, read at start-up so a wrong path fails before serving."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+
+    def read(flag: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
+
+    client_ca = read("--tls-client-ca", settings.tls_client_ca) if settings.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(read("--tls-key", settings.tls_key), read("--tls-cert", settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 @contextlib.contextmanager

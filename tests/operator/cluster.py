@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 
 
 parsing.parse_path = _parse_path
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the emulator received, as an API server's authorizer sees it."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]
 
 
 class Cluster:
@@ -129,6 +140,18 @@ class Cluster:
 
     def events(self, namespace: str) -> list[dict]:
         return self._ok(self.http.get(f"/api/v1/namespaces/{namespace}/events")).get("items", [])
+
+    def requests(self) -> list[RecordedRequest]:
+        """Every request the emulated API server has received so far, oldest first: what an RBAC
+        check compares with the rules a client was granted."""
+
+        async def _snapshot() -> list[RecordedRequest]:
+            return [
+                RecordedRequest(str(r.method.value).upper(), r.url.path, dict(r.params), dict(r.headers))
+                for r in list(self._emulator)
+            ]
+
+        return asyncio.run_coroutine_threadsafe(_snapshot(), self._loop).result(10)
 
     @staticmethod
     def _ok(response: httpx.Response) -> dict:

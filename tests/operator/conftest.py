@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Process, wait_until
+from tests.e2e.harness import BIN, Process, wait_until
 from tests.operator.cluster import Cluster
 from tests.operator.sidecars import TOKEN, Sidecar
 
@@ -35,7 +35,7 @@ def operator(cluster, token_file, tmp_path_factory):
     kubeconfig = cluster.kubeconfig(log_dir / "kubeconfig")
     process = Process(
         "operator",
-        [sys.executable, "-m", "pluginchain_operator.main", "--all-namespaces", "--token-file", str(token_file),
+        [str(BIN / "pluginchain"), "operator", "--all-namespaces", "--token-file", str(token_file),
          "--push-timeout", "1", "--retry-delay", "1", "--resync-interval", "1"],
         log_dir,
         env={"KUBECONFIG": str(kubeconfig)},

@@ -1,0 +1,81 @@
+"""The gateway pod's Envoy runs the configuration the local gateway runs: the chart's ConfigMap is,
+object for object, what ``pluginchain.envoy_config.render`` makes of the same settings, and the
+real Envoy accepts it (``envoy --mode validate``)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from pluginchain.envoy_config import EnvoySettings, render as render_envoy
+from pluginchain.gateway import envoy_binary
+from tests.helm.chart import REALISTIC, render
+
+# Chart values, and the settings the local gateway would be given for the same gateway. In a pod,
+# Envoy's admin listens on the pod IP so the kubelet can probe /ready.
+CASES = {
+    "defaults": ({}, EnvoySettings(upstream="https://api.openai.com", admin_host="0.0.0.0")),
+    "realistic": (REALISTIC, EnvoySettings(
+        upstream="https://llm.example.com:8443",
+        admin_host="0.0.0.0",
+        routes=(("/premium/", "premium"), ("/v1/embeddings", "embeddings")),
+        max_body_bytes=10 * 1024 * 1024,
+        message_timeout="2.5s",
+        upstream_timeout="120s",
+        failure_mode_allow=True,
+    )),
+    "plain-http-on-other-ports": (
+        {"gateway": {"upstream": "http://10.0.0.7:8000/", "maxBodyBytes": 65536,
+                     "routes": [{"prefix": "/", "chain": "everything"}],
+                     "envoy": {"port": 9000, "adminPort": 9902}, "sidecar": {"extProcPort": 50061}}},
+        EnvoySettings(upstream="http://10.0.0.7:8000/", listen_port=9000, admin_host="0.0.0.0", admin_port=9902,
+                      sidecar_port=50061, routes=(("/", "everything"),), max_body_bytes=65536),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_configmap_is_what_render_produces(case):
+    values, settings = CASES[case]
+    assert render(values).envoy_config() == render_envoy(settings)
+
+
+def _validate(config: dict, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "--config-path", str(path), "--disable-hot-restart", "--log-level", "error"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_envoy_accepts_the_configmap(case, tmp_path):
+    values, _ = CASES[case]
+    result = _validate(render(values).envoy_config(), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_validation_rejects_a_broken_configuration(tmp_path):
+    """The validation above can fail: a duration Envoy cannot parse is refused."""
+    config = render().envoy_config()
+    ext_proc = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]
+    ext_proc["typed_config"]["message_timeout"] = "10 seconds"
+    result = _validate(config, tmp_path)
+    assert result.returncode != 0
+
+
+def test_the_chart_keeps_the_sidecar_in_charge_of_the_phases():
+    """allow_mode_override, fail-closed by default, and the per-route chain metadata."""
+    config = render(REALISTIC).envoy_config()
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = manager["http_filters"][0]["typed_config"]
+    assert ext_proc["allow_mode_override"] is True
+    assert render().envoy_config()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"][0]["typed_config"]["failure_mode_allow"] is False
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    chains = [r.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc", {}).get("overrides", {})
+              .get("grpc_initial_metadata", [{}])[0].get("value") for r in routes]
+    assert chains == ["premium", "embeddings", None]

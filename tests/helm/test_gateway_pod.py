@@ -1,0 +1,169 @@
+"""The gateway pod as the chart renders it, run for real: Envoy with the rendered ConfigMap and the
+sidecar with the rendered args (only the pod's volumes moved into a temporary directory), probed
+the way the kubelet probes them. The pod fails closed until the operator pushes, then runs what
+was pushed.
+
+The kubelet probes the pod IP, not loopback: here 127.0.0.2 plays the pod IP, which a server
+bound to 127.0.0.1 (like ext_proc beside Envoy) does not answer, exactly as in a pod.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pluginchain.gateway import envoy_binary
+from pluginchain.registry import default_registry
+from pluginchain.schema import validate_document
+from pluginchain.v1 import config_pb2
+from pluginchain_operator.pushing import PushCredentials, apply, chain_message
+from tests.e2e.harness import BIN, Process, free_port, start_upstream, wait_until
+from tests.helm.chart import container_port, render
+
+POD_IP = "127.0.0.2"
+TOKEN = "pod-test-push-token-0123456789abcdef"
+
+
+@dataclass
+class Pod:
+    """The rendered gateway pod's containers as local processes."""
+
+    spec: dict
+    processes: dict[str, Process]
+    config_port: int
+    envoy_port: int
+    token_file: Path
+
+    def url(self, path: str) -> str:
+        return f"http://{POD_IP}:{self.envoy_port}{path}"
+
+
+def _materialise_volumes(rendered, pod_spec: dict, root: Path) -> dict[str, Path]:
+    """Each volume of the pod as a local directory with the files Kubernetes would mount."""
+    directories = {}
+    for volume in pod_spec["volumes"]:
+        directory = root / "volumes" / volume["name"]
+        directory.mkdir(parents=True)
+        if "configMap" in volume:
+            for name, text in rendered.get("ConfigMap", volume["configMap"]["name"])["data"].items():
+                (directory / name).write_text(text)
+        elif "secret" in volume:
+            for name, data in rendered.get("Secret", volume["secret"]["secretName"])["data"].items():
+                (directory / name).write_bytes(base64.b64decode(data))
+        else:
+            assert "emptyDir" in volume, volume
+        directories[volume["name"]] = directory
+    return directories
+
+
+def _local_args(spec: dict, directories: dict[str, Path]) -> list[str]:
+    """The container's args with each path under a mount moved to its volume's local directory
+    (in "--flag=PATH" and in "--flag PATH" form)."""
+    mounts = sorted(spec.get("volumeMounts", []), key=lambda m: len(m["mountPath"]), reverse=True)
+    args = []
+    for arg in spec["args"]:
+        flag, separator, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        for mount in mounts:
+            if value == mount["mountPath"] or value.startswith(mount["mountPath"] + "/"):
+                value = str(directories[mount["name"]]) + value[len(mount["mountPath"]):]
+                break
+        args.append(flag + separator + value)
+    return args
+
+
+@pytest.fixture
+def pod(tmp_path):
+    upstream = start_upstream(tmp_path)
+    ports = {name: free_port() for name in ("envoy", "admin", "ext_proc", "config", "metrics")}
+    rendered = render({
+        "pushToken": {"value": TOKEN},
+        "gateway": {
+            "upstream": upstream.url,
+            "drainSeconds": 0,
+            "envoy": {"port": ports["envoy"], "adminPort": ports["admin"], "logLevel": "error"},
+            "sidecar": {"extProcPort": ports["ext_proc"], "configPort": ports["config"], "metricsPort": ports["metrics"]},
+        },
+    })
+    pod_spec = rendered.deployment("gateway")["spec"]["template"]["spec"]
+    directories = _materialise_volumes(rendered, pod_spec, tmp_path)
+    # The images' entrypoints: `pluginchain` (deploy/docker/sidecar.Dockerfile) and Envoy's.
+    commands = {"sidecar": [str(BIN / "pluginchain")], "envoy": [envoy_binary()]}
+    processes: dict[str, Process] = {}
+    try:
+        for spec in pod_spec["containers"]:
+            processes[spec["name"]] = Process(spec["name"], commands[spec["name"]] + _local_args(spec, directories), tmp_path)
+        yield Pod(pod_spec, processes, ports["config"], ports["envoy"], directories["push-token"] / "token")
+    finally:
+        for process in processes.values():
+            process.stop()
+        upstream.process.stop()
+
+
+def _probe(spec: dict, probe: dict) -> bool:
+    """One kubelet probe against the pod IP: True when it would pass."""
+    if "grpc" in probe:
+        with grpc.insecure_channel(f"{POD_IP}:{probe['grpc']['port']}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")), timeout=1)
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    get = probe["httpGet"]
+    try:
+        response = httpx.get(f"http://{POD_IP}:{container_port(spec, get['port'])}{get['path']}", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def _probes(pod: Pod) -> dict[str, bool]:
+    results = {}
+    for spec in pod.spec["containers"]:
+        for kind in ("readinessProbe", "livenessProbe"):
+            results[f"{spec['name']} {kind}"] = _probe(spec, spec[kind])
+    return results
+
+
+def _chat(pod: Pod, content: str) -> httpx.Response:
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": content}]}
+    return httpx.post(pod.url("/v1/chat/completions"), json=body, timeout=10)
+
+
+async def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(pod):
+    def ready() -> bool:
+        for process in pod.processes.values():
+            assert process.alive(), process.output()
+        return all(_probes(pod).values())
+
+    try:
+        wait_until(ready, what="every probe of the rendered pod")
+    except TimeoutError:
+        pytest.fail(f"probes of the rendered pod: {_probes(pod)}")
+
+    # No PluginChain pushed yet: requests fail closed, never reach the LLM unchecked.
+    refused = _chat(pod, "hello")
+    assert refused.status_code == 500, refused.text
+    assert "error" in refused.json()
+
+    registry = default_registry([])
+    plugins = [{"name": "content_filter", "config": {"banned_patterns": ["(?i)forbidden"]}}]
+    chain = validate_document({"chains": {"default": plugins}}, registry)["default"]
+    chain_set = config_pb2.ChainSet(version=1, chains=[chain_message(chain, "PluginChain pluginchain/test")])
+    reply = await apply(f"{POD_IP}:{pod.config_port}", chain_set, PushCredentials(pod.token_file), timeout=5)
+    assert reply.active_version == 1
+
+    assert _chat(pod, "hello").status_code == 200
+    assert _chat(pod, "something FORBIDDEN").status_code == 403
+
+    # What the metrics Service targets answers on the pod IP.
+    sidecar = next(spec for spec in pod.spec["containers"] if spec["name"] == "sidecar")
+    metrics = httpx.get(f"http://{POD_IP}:{container_port(sidecar, 'metrics')}/metrics", timeout=5)
+    assert metrics.status_code == 200
+
