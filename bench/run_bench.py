@@ -368,6 +368,7 @@ class Settings:
     py_spy_rate: int = 250
     max_foreign_cpu: float = 15.0
     attempts: int = 3
+    quiet_wait: float = 60.0
 
 
 @dataclass
@@ -463,6 +464,7 @@ def run_scenario(scenario: str, round_number: int, settings: Settings, procs: Pr
         # Other work on the machine (not ours) skews a measurement: repeat it, keep the quietest.
         attempts = []
         for attempt in range(1, settings.attempts + 1):
+            wait_for_quiet(settings)
             result = measure(scenario, round_number, settings, procs, processor, listen_port, admin_port, metrics_port)
             result.checks = {**checks, **result.checks}
             attempts.append(result)
@@ -481,6 +483,25 @@ def run_scenario(scenario: str, round_number: int, settings: Settings, procs: Pr
             procs.stop(envoy)
         if processor is not None:
             procs.stop(processor)
+
+
+def wait_for_quiet(settings: Settings) -> None:
+    """Wait (up to ``settings.quiet_wait`` s) until other processes leave the CPUs alone.
+
+    Called while our processes are idle, so what keeps the CPUs busy is someone else's work.
+    """
+    deadline = time.monotonic() + settings.quiet_wait
+    waited = False
+    while True:
+        busy_before, total_before = machine_busy_jiffies()
+        time.sleep(1.0)
+        busy_after, total_after = machine_busy_jiffies()
+        busy = 100 * os.cpu_count() * (busy_after - busy_before) / max(1, total_after - total_before)
+        if busy <= settings.max_foreign_cpu or time.monotonic() >= deadline:
+            if waited:
+                print(f"  (waited for other processes to calm down: now {busy:.0f}% of a CPU)", flush=True)
+            return
+        waited = True
 
 
 def measure(scenario: str, round_number: int, settings: Settings, procs: Processes, processor: Proc | None,
@@ -766,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-foreign-cpu", type=float, default=15.0,
                         help="a measurement during which other processes used more than this %% of a CPU is repeated (default 15)")
     parser.add_argument("--attempts", type=int, default=3, help="measurements per scenario and round at most, the quietest kept (default 3)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="seconds to wait, before each measurement, for other processes to stop using the CPUs (default 60)")
     parser.add_argument("--target", type=float, default=0.8, help="required chain/bare requests/s ratio (default 0.8)")
     parser.add_argument("--output", type=Path, default=BENCH / "results.json", help="JSON results (default bench/results.json)")
     parser.add_argument("--profile", choices=("py-spy", "cprofile"), default=None,
@@ -802,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             wrk=wrk, script=write_wrk_script(log_dir), duration=args.duration, warmup=args.warmup,
             connections=args.connections, threads=args.threads, envoy_concurrency=args.envoy_concurrency,
             upstream_port=upstream_port, profile=args.profile, profile_dir=args.profile_dir, py_spy=py_spy,
-            max_foreign_cpu=args.max_foreign_cpu, attempts=max(1, args.attempts),
+            max_foreign_cpu=args.max_foreign_cpu, attempts=max(1, args.attempts), quiet_wait=args.quiet_wait,
         )
         print(f"wrk -t{args.threads} -c{args.connections}, {args.duration:g} s per scenario after {args.warmup:g} s warm-up, "
               f"{args.rounds} round(s), request body {len(chat_body())} bytes; logs in {log_dir}", flush=True)

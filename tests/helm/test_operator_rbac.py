@@ -154,7 +154,7 @@ def _operator_argv(args: list[str], token_file: Path) -> list[str]:
     local = [f"--token-file={token_file}" if a.startswith("--token-file=") else a for a in args]
     assert local[0] == "operator"
     # `pluginchain operator` is `python -m pluginchain_operator.main`.
-    return [sys.executable, "/tmp/helmwork/op_noscan.py", *local[1:]]
+    return [sys.executable, "-m", "pluginchain_operator.main", *local[1:]]
 
 
 @dataclass

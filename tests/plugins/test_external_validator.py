@@ -360,8 +360,8 @@ async def test_concurrent_requests_are_validated_concurrently(validator, plugins
     twenty_concurrent = time.monotonic() - started
 
     assert len(validator.calls) == 25
-    # Twenty in parallel take less than two and a half one after another.
-    assert twenty_concurrent < five_sequential / 2
+    # Twenty in parallel take less than five one after another (sequential would take four times that).
+    assert twenty_concurrent < five_sequential
 
 
 async def test_a_closed_plugin_can_be_closed_again(validator, plugins):
