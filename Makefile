@@ -7,7 +7,7 @@ PORT ?= 8080
 UPSTREAM_PORT ?= 8000
 METRICS_PORT ?= 9090
 
-.PHONY: test run install protos clean
+.PHONY: test run install protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(STAMP)
 	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/pluginchain gateway --config examples/chain.yaml --upstream http://127.0.0.1:$(UPSTREAM_PORT) \
 		--port $(PORT) --metrics-port $(METRICS_PORT) --log-level warning
+
+# Envoy direct vs. a bare processor vs. pluginchain (needs wrk: apt-get install wrk); see bench/README.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run_bench.py
 
 # Regenerate sidecar/pluginchain/v1 from proto/ (a test fails when they drift).
 protos: $(STAMP)

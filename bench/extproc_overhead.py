@@ -31,14 +31,13 @@ from google.protobuf import struct_pb2
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bare_processor import BareProcessor  # noqa: E402
-from run_bench import API_KEY, PATH, chat_body  # noqa: E402
-
-from pluginchain.engine import compile_plan  # noqa: E402
-from pluginchain.extproc import ExternalProcessor  # noqa: E402
-from pluginchain.plans import PlanHolder  # noqa: E402
-from pluginchain.registry import default_registry  # noqa: E402
-from pluginchain.schema import load_file  # noqa: E402
+from bare_processor import BareProcessor
+from pluginchain.engine import compile_plan
+from pluginchain.extproc import ExternalProcessor
+from pluginchain.plans import PlanHolder
+from pluginchain.registry import default_registry
+from pluginchain.schema import load_file
+from run_bench import API_KEY, PATH, chat_body
 
 
 def envoy_messages(mode: str, request_number: int) -> list[pb.ProcessingRequest]:

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from pluginchain.envoy_config import EXT_PROC_FILTER, EnvoySettings, render
 from pluginchain.gateway import envoy_binary
 
@@ -107,7 +106,7 @@ class Proc:
         self.name = name
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
@@ -340,7 +339,7 @@ def run_wrk(wrk: str, script: Path, port: int, duration: float, connections: int
     argv = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
             "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}{PATH}"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    completed = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=duration + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     for line in completed.stdout.splitlines():
@@ -648,12 +647,14 @@ def print_report(summary: dict, target: float) -> None:
         print(f"{scenario:<15}{row['requests_per_s']:>8.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{per_request:>13}   "
               f"{cpus:<24} rounds: {rounds}")
     print()
+    if not summary["ratios"]:
+        return
     print(f"  {'requests/s ratio':<28} {'of medians':>10} {'median of rounds':>17}   rounds")
     for name, ratio in summary["ratios"].items():
         verdict = ""
         if name in TARGET_PAIRS:
             met = ratio["ratio_of_medians"] >= target and ratio["median_of_round_ratios"] >= target
-            verdict = "  target >= %.2f: %s" % (target, "met" if met else "NOT met")
+            verdict = f"  target >= {target:.2f}: {'met' if met else 'NOT met'}"
         rounds = ", ".join(f"{x:.2f}" for x in ratio["round_ratios"])
         print(f"  {name:<28} {ratio['ratio_of_medians']:9.2f}x {ratio['median_of_round_ratios']:16.2f}x   {rounds}{verdict}")
     print()
@@ -750,7 +751,7 @@ def _short(filename: str) -> str:
 def versions(wrk: str) -> dict:
     def out(argv):
         with contextlib.suppress(Exception):
-            completed = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            completed = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
             return (completed.stdout + completed.stderr).strip().splitlines()[0]
         return None
     import grpc
@@ -816,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="pluginchain-bench-"))
     procs = Processes(log_dir)
     results: list[Result] = []
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     failed = False
     try:
         upstream_port, upstream_admin = free_port(), free_port()
@@ -843,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         failed = True
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - reported, then everything is stopped
         print(f"\nerror: {error}", file=sys.stderr)
         failed = True
     finally:

@@ -33,6 +33,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="pluginchain.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
+    # The operator serves one known CRD in the namespaces it is told: no cluster-wide scans of
+    # CRDs and namespaces, so its RBAC stays PluginChains, pods and Events.
+    settings.scanning.disabled = True
     settings.watching.connect_timeout = 10
     settings.watching.server_timeout = 300
     controller: Controller = memo.controller

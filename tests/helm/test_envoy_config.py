@@ -9,9 +9,10 @@ import subprocess
 import pytest
 import yaml
 
-from pluginchain.envoy_config import EnvoySettings, render as render_envoy
+from pluginchain.envoy_config import EnvoySettings
+from pluginchain.envoy_config import render as render_envoy
 from pluginchain.gateway import envoy_binary
-from tests.helm.chart import REALISTIC, render
+from tests.helm.chart import REALISTIC, ROOT, render
 
 # Chart values, and the settings the local gateway would be given for the same gateway. In a pod,
 # Envoy's admin listens on the pod IP so the kubelet can probe /ready.
@@ -47,7 +48,7 @@ def _validate(config: dict, tmp_path) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(config))
     return subprocess.run(
         [envoy_binary(), "--mode", "validate", "--config-path", str(path), "--disable-hot-restart", "--log-level", "error"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
 
 
@@ -79,3 +80,17 @@ def test_the_chart_keeps_the_sidecar_in_charge_of_the_phases():
     chains = [r.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc", {}).get("overrides", {})
               .get("grpc_initial_metadata", [{}])[0].get("value") for r in routes]
     assert chains == ["premium", "embeddings", None]
+
+
+def test_the_readme_istio_filter_is_the_built_in_ext_proc_filter():
+    """Users copy it into an EnvoyFilter: it must not drift from what the gateway runs."""
+    readme = (ROOT / "README.md").read_text()
+    documents = [doc for block in readme.split("```yaml\n")[1:] for doc in yaml.safe_load_all(block.split("```", 1)[0])]
+    envoy_filter = next(d for d in documents if isinstance(d, dict) and d.get("kind") == "EnvoyFilter")
+    copied = envoy_filter["spec"]["configPatches"][0]["patch"]["value"]
+    built_in = render_envoy(EnvoySettings())["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"][0]
+    copied_cluster = copied["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    built_in["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    assert copied == built_in
+    assert copied_cluster == "outbound|80||pluginchain-gateway.pluginchain.svc.cluster.local"

@@ -4,8 +4,8 @@ admits them, and they select the pods the chart installs."""
 
 from __future__ import annotations
 
-import jsonschema
 import json5
+import jsonschema
 import yaml
 
 from pluginchain.registry import default_registry

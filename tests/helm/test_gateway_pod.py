@@ -9,6 +9,7 @@ bound to 127.0.0.1 (like ext_proc beside Envoy) does not answer, exactly as in a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,31 +79,44 @@ def _local_args(spec: dict, directories: dict[str, Path]) -> list[str]:
 
 
 @pytest.fixture
-def pod(tmp_path):
+def start_pod(tmp_path):
+    """Start the rendered gateway pod: ``start_pod(envoy=True)``; stops it after the test."""
+    started: list[Process] = []
     upstream = start_upstream(tmp_path)
-    ports = {name: free_port() for name in ("envoy", "admin", "ext_proc", "config", "metrics")}
-    rendered = render({
-        "pushToken": {"value": TOKEN},
-        "gateway": {
-            "upstream": upstream.url,
-            "drainSeconds": 0,
-            "envoy": {"port": ports["envoy"], "adminPort": ports["admin"], "logLevel": "error"},
-            "sidecar": {"extProcPort": ports["ext_proc"], "configPort": ports["config"], "metricsPort": ports["metrics"]},
-        },
-    })
-    pod_spec = rendered.deployment("gateway")["spec"]["template"]["spec"]
-    directories = _materialise_volumes(rendered, pod_spec, tmp_path)
-    # The images' entrypoints: `pluginchain` (deploy/docker/sidecar.Dockerfile) and Envoy's.
-    commands = {"sidecar": [str(BIN / "pluginchain")], "envoy": [envoy_binary()]}
-    processes: dict[str, Process] = {}
-    try:
+
+    def start(envoy: bool = True) -> Pod:
+        ports = {name: free_port() for name in ("envoy", "admin", "ext_proc", "config", "metrics")}
+        rendered = render({
+            "pushToken": {"value": TOKEN},
+            "gateway": {
+                "upstream": upstream.url,
+                "drainSeconds": 0,
+                "envoy": {"enabled": envoy, "port": ports["envoy"], "adminPort": ports["admin"], "logLevel": "error"},
+                "sidecar": {"extProcPort": ports["ext_proc"], "configPort": ports["config"], "metricsPort": ports["metrics"]},
+            },
+        })
+        pod_spec = rendered.deployment("gateway")["spec"]["template"]["spec"]
+        directories = _materialise_volumes(rendered, pod_spec, tmp_path / f"pod-{len(started)}")
+        # The images' entrypoints: `pluginchain` (deploy/docker/sidecar.Dockerfile) and Envoy's.
+        commands = {"sidecar": [str(BIN / "pluginchain")], "envoy": [envoy_binary()]}
+        processes = {}
         for spec in pod_spec["containers"]:
             processes[spec["name"]] = Process(spec["name"], commands[spec["name"]] + _local_args(spec, directories), tmp_path)
-        yield Pod(pod_spec, processes, ports["config"], ports["envoy"], directories["push-token"] / "token")
-    finally:
+            started.append(processes[spec["name"]])
+        pod = Pod(pod_spec, processes, ports["config"], ports["envoy"], directories["push-token"] / "token")
+        try:
+            wait_until(lambda: all(_probes(pod).values()) or not all(p.alive() for p in processes.values()),
+                       what="every probe of the rendered pod")
+        except TimeoutError:
+            pytest.fail(f"probes of the rendered pod: {_probes(pod)}")
         for process in processes.values():
-            process.stop()
-        upstream.process.stop()
+            assert process.alive(), process.output()
+        return pod
+
+    yield start
+    for process in started:
+        process.stop()
+    upstream.process.stop()
 
 
 def _probe(spec: dict, probe: dict) -> bool:
@@ -136,16 +150,8 @@ def _chat(pod: Pod, content: str) -> httpx.Response:
     return httpx.post(pod.url("/v1/chat/completions"), json=body, timeout=10)
 
 
-async def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(pod):
-    def ready() -> bool:
-        for process in pod.processes.values():
-            assert process.alive(), process.output()
-        return all(_probes(pod).values())
-
-    try:
-        wait_until(ready, what="every probe of the rendered pod")
-    except TimeoutError:
-        pytest.fail(f"probes of the rendered pod: {_probes(pod)}")
+def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(start_pod):
+    pod = start_pod()
 
     # No PluginChain pushed yet: requests fail closed, never reach the LLM unchecked.
     refused = _chat(pod, "hello")
@@ -156,7 +162,7 @@ async def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_c
     plugins = [{"name": "content_filter", "config": {"banned_patterns": ["(?i)forbidden"]}}]
     chain = validate_document({"chains": {"default": plugins}}, registry)["default"]
     chain_set = config_pb2.ChainSet(version=1, chains=[chain_message(chain, "PluginChain pluginchain/test")])
-    reply = await apply(f"{POD_IP}:{pod.config_port}", chain_set, PushCredentials(pod.token_file), timeout=5)
+    reply = asyncio.run(apply(f"{POD_IP}:{pod.config_port}", chain_set, PushCredentials(pod.token_file), timeout=5))
     assert reply.active_version == 1
 
     assert _chat(pod, "hello").status_code == 200
@@ -167,3 +173,8 @@ async def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_c
     metrics = httpx.get(f"http://{POD_IP}:{container_port(sidecar, 'metrics')}/metrics", timeout=5)
     assert metrics.status_code == 200
 
+
+def test_without_envoy_the_sidecar_passes_its_probes_on_the_pod_network(start_pod):
+    pod = start_pod(envoy=False)
+    assert [spec["name"] for spec in pod.spec["containers"]] == ["sidecar"]
+    assert all(_probes(pod).values())

@@ -62,6 +62,13 @@ def test_the_chart_crd_is_the_generated_one_and_valid(kube_version):
     kubernetes_validate.validate(crd, kube_version, strict=True)
 
 
+def test_with_operator_and_gateway_off_only_the_crd_is_installed():
+    """The CRD on its own: `helm install` with both off installs crds/ and nothing else."""
+    assert render({"operator": {"enabled": False}, "gateway": {"enabled": False}}).all() == []
+    report = helm.lint(CHART, {"operator": {"enabled": False}, "gateway": {"enabled": False}}, strict=True)
+    assert report["errors"] == []
+
+
 def test_the_operator_selects_the_gateway_pods_and_finds_their_config_port():
     for values in ({}, REALISTIC):
         rendered = render(values)
