@@ -15,6 +15,7 @@ from pluginchain.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
 SIDECAR_CLUSTER = "pluginchain_sidecar"
 UPSTREAM_CLUSTER = "llm_upstream"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ def render(settings: EnvoySettings) -> dict:
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": upstream.hostname,
+                # Verify the provider's certificate: API keys travel on this connection.
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": SYSTEM_CA_BUNDLE},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": upstream.hostname}}],
+                }},
             },
         }
     sidecar_cluster = {
