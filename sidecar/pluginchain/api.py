@@ -352,6 +352,11 @@ class Plugin(ABC):
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PRE_REQUEST})
     supports_parallel: ClassVar[bool] = False
     reads_body: ClassVar[bool] = False
+    suspends: bool = True
+    """False for a plugin whose ``execute`` never awaits (pure computation). The engine then runs
+    it inline, without a timer or a task: a timeout cannot interrupt code that never yields, and
+    parallel members that never yield finish in one loop turn anyway. Set it per instance when it
+    depends on config. A plugin that says False and then awaits I/O loses its timeout."""
 
     def __init__(self, config: PluginConfig, settings: InstanceSettings):
         self.config = config

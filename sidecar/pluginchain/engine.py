@@ -156,6 +156,8 @@ class CompiledChain:
             return await self._run_one(group.parallel[0], stage, exchange, failures)
         if not group.parallel:
             return None
+        if not any(plugin.suspends for plugin in group.parallel):
+            return self._run_inline(group.parallel, stage, exchange, failures)
         views = [PluginData(stage, exchange) for _ in group.parallel]
         tasks = [
             asyncio.ensure_future(self._execute(self._members[plugin.id], view, exchange))
@@ -182,6 +184,28 @@ class CompiledChain:
                 view.apply()
         return None
 
+    def _run_inline(self, members: tuple[Plugin, ...], stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
+        """Parallel members that never suspend: the same snapshot semantics, no tasks.
+
+        Run concurrently they would all finish in one loop turn and be settled in declaration
+        order; running them one by one in that order on the snapshot gives the same result.
+        """
+        views = [PluginData(stage, exchange) for _ in members]
+        outcomes = []
+        for plugin, view in zip(members, views, strict=True):
+            try:
+                outcome = _run_to_completion(self._execute(self._members[plugin.id], view, exchange))
+            except RuntimeError as error:
+                outcome = Failure(plugin.id, stage, "exception", str(error), plugin.settings.on_error == "fail_open")
+            stop = self._settle(outcome, failures)
+            if stop is not None:
+                return stop
+            outcomes.append(outcome)
+        for outcome, view in zip(outcomes, views, strict=True):
+            if outcome is None:
+                view.apply()
+        return None
+
     async def _run_one(self, plugin: Plugin, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
         view = PluginData(stage, exchange)
         outcome = await self._execute(self._members[plugin.id], view, exchange)
@@ -205,7 +229,7 @@ class CompiledChain:
         loop = asyncio.get_running_loop()
         ctx = PluginContext(self.name, exchange.request_id, plugin.id, loop.time() + settings.timeout)
         started = time.perf_counter()
-        timeout = asyncio.timeout(settings.timeout)
+        timeout = asyncio.timeout(settings.timeout if plugin.suspends else None)
         try:
             async with timeout:
                 await plugin.execute(ctx, data)
@@ -230,6 +254,16 @@ class CompiledChain:
             member.latency.observe(time.perf_counter() - started)
         member.outcomes["allow"].inc()
         return None
+
+
+def _run_to_completion(coroutine):
+    """Drive a coroutine that never suspends; one that does is a plugin bug, reported as such."""
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return finished.value
+    coroutine.close()
+    raise RuntimeError("a plugin declared `suspends = False` but awaited")
 
 
 def failure_response(failure: Failure) -> Reject:

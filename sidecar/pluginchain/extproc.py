@@ -63,6 +63,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._plans = plans
         self._limits = limits
         self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
+        self._counters: dict[tuple[str, str], object] = {}
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
         chain_name = _chain_name(context)
@@ -79,7 +80,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     stream.outcome = "cancelled"
                 raise
             finally:
-                REQUESTS.labels(chain_name, stream.outcome).inc()
+                self._request_counter(chain_name, stream.outcome).inc()
+
+    def _request_counter(self, chain_name: str, outcome: str):
+        # Bound once per (chain, outcome): a labels() lookup takes a lock on every request.
+        counter = self._counters.get((chain_name, outcome))
+        if counter is None:
+            counter = self._counters[(chain_name, outcome)] = REQUESTS.labels(chain_name, outcome)
+        return counter
 
     def _mode_for(self, chain: CompiledChain | None) -> _Mode | None:
         if chain is None:

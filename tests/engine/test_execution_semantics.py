@@ -206,3 +206,33 @@ def test_phases_follow_what_the_plugins_need():
 def test_disabled_plugins_are_validated_but_never_run():
     chain = chain_of(step("on"), {**step("off"), "enabled": False})
     assert [p.id for p in chain.plugins] == ["on"]
+
+
+async def test_members_that_never_suspend_keep_the_parallel_semantics():
+    from tests.engine.scripted import Scripted
+
+    Scripted.suspends = False
+    try:
+        chain = chain_of(
+            step("a", parallel=True, set_headers={"x-winner": "a"}),
+            step("b", parallel=True, set_headers={"x-winner": "b", "x-b": "1"}),
+            step("c", parallel=True, reject_status=None),
+            step("later", priority=1),
+        )
+        exchange = new_exchange()
+        await chain.run_stage(Stage.PRE_REQUEST, exchange)
+        seen = {e[1]: e[2] for e in exchange.metadata["events"] if e[0] == "seen"}
+        assert "x-winner" not in seen["b"]  # b saw the group's snapshot, not a's change
+        assert exchange.request.headers["x-winner"] == "b"
+        assert "x-b" in seen["later"]
+
+        rejecting = chain_of(step("gate", parallel=True, reject_status=403), step("other", parallel=True, set_headers={"x-o": "1"}))
+        exchange = new_exchange()
+        result = await rejecting.run_stage(Stage.PRE_REQUEST, exchange)
+        assert result.rejection.status == 403 and "x-o" not in exchange.request.headers
+
+        lying = chain_of(step("sleeper", parallel=True, sleep=0.01), step("other", parallel=True))
+        result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
+        assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
+    finally:
+        del Scripted.suspends

@@ -155,6 +155,7 @@ class ContentFilter(Plugin):
     Config = ContentFilterConfig
     stages = frozenset({Stage.PRE_REQUEST, Stage.POST_REQUEST})
     supports_parallel = True
+    suspends = False  # pure computation: the engine runs it inline
     reads_body = True
 
     config: ContentFilterConfig

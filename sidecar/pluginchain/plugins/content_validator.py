@@ -81,6 +81,7 @@ class ContentValidator(Plugin):
     Config = ContentValidatorConfig
     stages = frozenset({Stage.PRE_REQUEST})
     supports_parallel = True
+    suspends = False  # pure computation: the engine runs it inline
     reads_body = True
 
     config: ContentValidatorConfig

@@ -226,6 +226,8 @@ class RateLimiter(Plugin):
         self._suppressed_warnings = 0
         self._memory: _MemoryBuckets | None = None
         self._redis: Redis | None = None
+        # In memory a decision never awaits, so the engine may run it inline.
+        self.suspends = config.backend == "redis"
         if config.backend == "memory":
             store_key = (settings.chain, settings.id, config.limit, config.window)
             self._memory = _MEMORY_STORES.get(store_key)
