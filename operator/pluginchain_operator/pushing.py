@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from pluginchain.config_service import chain_message as wire_chain
 from pluginchain.schema import ValidatedChain
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 
@@ -46,26 +46,13 @@ class PushError(Exception):
 
 
 def chain_message(chain: ValidatedChain, source: str) -> config_pb2.Chain:
-    """One validated chain as the wire message, entries in plan order."""
+    """One validated chain as the wire message, entries in plan order (stage, priority,
+    sequential before parallel, then declaration order, which the sidecar keeps)."""
     ordered = sorted(
         enumerate(chain.plugins),
         key=lambda item: (_STAGE_ORDER[item[1].entry.stage], item[1].entry.priority, item[1].entry.parallel, item[0]),
     )
-    entries = []
-    for _, validated in ordered:
-        entry = validated.entry
-        entries.append(config_pb2.PluginEntry(
-            name=entry.name,
-            id=entry.id or "",
-            enabled=entry.enabled,
-            stage=str(entry.stage),
-            priority=entry.priority,
-            parallel=entry.parallel,
-            timeout_seconds=entry.timeout,
-            on_error=entry.on_error,
-            config_json=json.dumps(entry.config, sort_keys=True, separators=(",", ":")),
-        ))
-    return config_pb2.Chain(name=chain.name, plugins=entries, source=source)
+    return wire_chain(ValidatedChain(chain.name, tuple(plugin for _, plugin in ordered)), source)
 
 
 async def apply(target: str, chain_set: config_pb2.ChainSet, credentials: PushCredentials, timeout: float) -> config_pb2.ApplyResponse:

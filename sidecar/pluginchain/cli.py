@@ -244,11 +244,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    registry = default_registry(args.plugins)
-    try:
-        plan = _compile(args.file, registry)
-    except ConfigError as error:
-        print(error.render(), file=sys.stderr)
+    plan = _load_or_report(args)
+    if plan is None:
         return 1
     asyncio.run(plan.aclose())
     print("OK")
@@ -256,15 +253,22 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    registry = default_registry(args.plugins)
-    try:
-        plan = _compile(args.file, registry)
-    except ConfigError as error:
-        print(error.render(), file=sys.stderr)
+    plan = _load_or_report(args)
+    if plan is None:
         return 1
     print(render_plan(plan), end="")
     asyncio.run(plan.aclose())
     return 0
+
+
+def _load_or_report(args: argparse.Namespace) -> Plan | None:
+    """The compiled plan of ``args.file``, or None after printing every error."""
+    registry = default_registry(args.plugins)
+    try:
+        return _compile(args.file, registry)
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return None
 
 
 def render_plan(plan: Plan) -> str:
