@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -246,16 +247,21 @@ def test_post_request_with_body_asks_envoy_for_both_bodies(plugins):
 
 
 @pytest.mark.parametrize("overloaded", [503, 429])
-async def test_overload_is_retried_with_growing_backoff_until_allowed(validator, plugins, overloaded):
+async def test_overload_is_retried_with_growing_backoff_until_allowed(validator, plugins, overloaded, caplog):
+    caplog.set_level(logging.DEBUG, logger="pluginchain")
     validator.script = [Answer(overloaded), Answer(overloaded), Answer(200)]
     plugin = plugins({"url": validator.url, "retries": 2, "backoff": "100ms"})
 
     await run_plugin(plugin, make_exchange(body=CHAT))
 
-    first, second, third = (call.at for call in validator.calls)
     assert len(validator.calls) == 3
-    assert second - first >= 0.09  # backoff minus jitter
-    assert third - second > 1.3 * (second - first)  # doubled
+    # The delays the plugin chose, as it logs them: the backoff, then doubled (each +-10 % jitter).
+    delays = [float(m) for m in re.findall(r"retrying in ([0-9.]+)s", caplog.text)]
+    assert len(delays) == 2
+    assert 0.09 <= delays[0] <= 0.11 and 0.18 <= delays[1] <= 0.22
+    # And it really waited them: a sleep is never shorter than asked (network time only adds).
+    first, second, third = (call.at for call in validator.calls)
+    assert second - first >= delays[0] - 0.005 and third - second >= delays[1] - 0.005
 
 
 async def test_a_failing_validator_raises_after_all_retries(validator, plugins):
