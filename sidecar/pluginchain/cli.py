@@ -140,7 +140,10 @@ def _add_push_options(command: argparse.ArgumentParser) -> None:
 
 def _add_envoy_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--port", type=int, default=8080, help="Envoy listener port (default 8080)")
-    command.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    command.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on loopback (default 9901)")
+    command.add_argument("--ready-port", type=int, default=None, metavar="PORT",
+                         help="also answer GET /ready on PORT of the listener's address, for probes that cannot "
+                         "reach the admin port on loopback (the kubelet's); default: no such listener")
     command.add_argument("--route", action="append", default=[], metavar="PREFIX=CHAIN",
                          help="run CHAIN for paths starting with PREFIX; repeatable; others run 'default'")
     command.add_argument("--message-timeout", default="10s", help="Envoy's wait for each sidecar answer")
@@ -195,6 +198,7 @@ def _envoy_settings(args: argparse.Namespace, sidecar_port: int) -> EnvoySetting
         upstream=args.upstream,
         listen_port=args.port,
         admin_port=args.admin_port,
+        ready_port=args.ready_port,
         sidecar_port=sidecar_port,
         routes=tuple(routes),
         max_body_bytes=args.max_body_bytes,

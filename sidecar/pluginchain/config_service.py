@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -408,10 +408,18 @@ class StateFile:
 class ConfigService(config_pb2_grpc.ConfigServiceServicer):
     """Apply and Get; authentication and status codes are :class:`ConfigGuard`'s."""
 
-    def __init__(self, plans: PlanHolder, registry: PluginRegistry, active: ActiveConfig, state_file: StateFile | None):
+    def __init__(
+        self,
+        plans: PlanHolder,
+        registry: PluginRegistry,
+        active: ActiveConfig,
+        state_file: StateFile | None,
+        on_applied: Callable[[], Awaitable[None]] | None = None,
+    ):
         self._plans = plans
         self._registry = registry
         self._state_file = state_file
+        self._on_applied = on_applied
         self.active = active
 
     async def Apply(self, request: config_pb2.ApplyRequest, context) -> config_pb2.ApplyResponse:
@@ -469,6 +477,8 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
             "applied pushed version %d (was %d, %s): chains %s",
             version, active.version, active.origin, ", ".join(chains) or "none",
         )
+        if self._on_applied is not None:
+            await self._on_applied()
         return config_pb2.ApplyResponse(active_version=version, changed=True)
 
     async def Get(self, request: config_pb2.GetRequest, context) -> config_pb2.GetResponse:

@@ -27,7 +27,12 @@ class EnvoySettings:
     listen_host: str = "0.0.0.0"
     listen_port: int = 8080
     admin_host: str = "127.0.0.1"
+    """Envoy's admin interface can stop Envoy or fail its health checks: keep it on loopback."""
     admin_port: int = 9901
+    ready_port: int | None = None
+    """A listener on ``listen_host`` that answers ``GET /ready`` (200 while Envoy is live, 503
+    once its health check fails) and nothing else, for probes that cannot reach loopback (the
+    kubelet's). None: no such listener."""
     sidecar_host: str = "127.0.0.1"
     sidecar_port: int = 50051
     routes: tuple[tuple[str, str], ...] = ()
@@ -73,10 +78,7 @@ def render(settings: EnvoySettings) -> dict:
         "stat_prefix": "gateway",
         "generate_request_id": True,
         "route_config": {"name": "gateway", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
-        "http_filters": [
-            {"name": EXT_PROC_FILTER, "typed_config": ext_proc},
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-        ],
+        "http_filters": [{"name": EXT_PROC_FILTER, "typed_config": ext_proc}, _ROUTER],
     }
     upstream_cluster = {
         "name": UPSTREAM_CLUSTER,
@@ -110,18 +112,46 @@ def render(settings: EnvoySettings) -> dict:
         },
         "load_assignment": _endpoints(SIDECAR_CLUSTER, settings.sidecar_host, settings.sidecar_port),
     }
+    listeners = [{
+        "name": "gateway",
+        "address": _socket(settings.listen_host, settings.listen_port),
+        "per_connection_buffer_limit_bytes": settings.max_body_bytes,
+        "filter_chains": [_http_filter_chain(connection_manager)],
+    }]
+    if settings.ready_port is not None:
+        listeners.append(_ready_listener(settings.listen_host, settings.ready_port))
     return {
         "admin": {"address": _socket(settings.admin_host, settings.admin_port)},
-        "static_resources": {
-            "listeners": [{
-                "name": "gateway",
-                "address": _socket(settings.listen_host, settings.listen_port),
-                "per_connection_buffer_limit_bytes": settings.max_body_bytes,
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": connection_manager}]}],
-            }],
-            "clusters": [sidecar_cluster, upstream_cluster],
-        },
+        "static_resources": {"listeners": listeners, "clusters": [sidecar_cluster, upstream_cluster]},
     }
+
+
+_ROUTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def _http_filter_chain(connection_manager: dict) -> dict:
+    return {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": connection_manager}]}
+
+
+def _ready_listener(host: str, port: int) -> dict:
+    """Envoy's readiness without its admin interface: the health_check filter answers /ready
+    itself (its listeners open only once Envoy is initialised); every other path gets 404."""
+    connection_manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ready",
+        "route_config": {"name": "ready", "virtual_hosts": [{
+            "name": "ready", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 404}}],
+        }]},
+        "http_filters": [
+            {"name": "envoy.filters.http.health_check", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                "pass_through_mode": False,
+                "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}],
+            }},
+            _ROUTER,
+        ],
+    }
+    return {"name": "ready", "address": _socket(host, port), "filter_chains": [_http_filter_chain(connection_manager)]}
 
 
 def _route(prefix: str, chain: str | None, settings: EnvoySettings) -> dict:

@@ -110,7 +110,7 @@ class Sidecar:
             state_file = StateFile(settings.state_file) if settings.state_file is not None else None
             plan, active = self._starting_plan(state_file)
             self.plans = PlanHolder(plan, version=active.version)
-            self.config_service = ConfigService(self.plans, self.registry, active, state_file)
+            self.config_service = ConfigService(self.plans, self.registry, active, state_file, self._mark_ready)
             self._token = TokenFile(settings.token_file)
         else:
             assert settings.config is not None
@@ -172,10 +172,16 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
-        for service in ("", EXT_PROC_SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        configured = self.config_service is None or self.config_service.active.origin != "empty"
+        if not configured:
+            # Before ConfigService opens: a first push, whenever it lands, marks ready after this.
+            for health in (self.health, self.config_health):
+                await health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config_service is not None:
             await self._start_config_server()
+        if configured:
+            await self._mark_ready()
         if self.settings.metrics_port is not None:
             self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host)
             self.metrics_port = self._metrics_server.server_port
@@ -203,6 +209,15 @@ class Sidecar:
         await server.start()
         for service in ("", CONFIG_SERVICE):
             await self.config_health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _mark_ready(self) -> None:
+        """ext_proc's health service turns SERVING once there is a configuration to serve: at
+        once in file mode, in push mode from the state file, the chain file or the first push.
+        Until then a readiness probe keeps the pod out of the Service (as Istio's proxies wait
+        for their first xDS push), while the empty health service "" stays SERVING for liveness.
+        The config port reports it too, for probes that cannot reach ext_proc on loopback."""
+        for health in (self.health, self.config_health):
+            await health.set(EXT_PROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     def _plan_source(self) -> str:
         if self.config_service is None:

@@ -64,6 +64,17 @@ def test_a_grace_period_shorter_than_the_drain_fails_with_the_reason():
         render({"gateway": {"drainSeconds": 60, "terminationGracePeriodSeconds": 45}})
 
 
+@pytest.mark.parametrize("envoy", [True, False])
+def test_two_gateway_ports_that_collide_fail_with_the_reason(envoy):
+    with pytest.raises(helm.HelmRenderError, match="gateway ports must differ"):
+        render({"gateway": {"envoy": {"enabled": envoy, "readyPort": 9090}, "sidecar": {"configPort": 9090}}})
+
+
+def test_ports_only_envoy_would_use_may_repeat_when_envoy_is_off():
+    rendered = render({"gateway": {"envoy": {"enabled": False, "readyPort": 50052}}})
+    assert rendered.deployment("gateway")
+
+
 def _keys_with_comments(text: str) -> list[tuple[str, bool, bool]]:
     """(dotted key, whether a `# --` comment block sits right above it, whether it is a leaf)."""
     lines = text.splitlines()

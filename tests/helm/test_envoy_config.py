@@ -15,12 +15,12 @@ from pluginchain.gateway import envoy_binary
 from tests.helm.chart import REALISTIC, ROOT, render
 
 # Chart values, and the settings the local gateway would be given for the same gateway. In a pod,
-# Envoy's admin listens on the pod IP so the kubelet can probe /ready.
+# the kubelet probes Envoy on the `ready` listener; the admin interface stays on loopback.
 CASES = {
-    "defaults": ({}, EnvoySettings(upstream="https://api.openai.com", admin_host="0.0.0.0")),
+    "defaults": ({}, EnvoySettings(upstream="https://api.openai.com", ready_port=9902)),
     "realistic": (REALISTIC, EnvoySettings(
         upstream="https://llm.example.com:8443",
-        admin_host="0.0.0.0",
+        ready_port=9902,
         routes=(("/premium/", "premium"), ("/v1/embeddings", "embeddings")),
         max_body_bytes=10 * 1024 * 1024,
         message_timeout="2.5s",
@@ -30,8 +30,8 @@ CASES = {
     "plain-http-on-other-ports": (
         {"gateway": {"upstream": "http://10.0.0.7:8000/", "maxBodyBytes": 65536,
                      "routes": [{"prefix": "/", "chain": "everything"}],
-                     "envoy": {"port": 9000, "adminPort": 9902}, "sidecar": {"extProcPort": 50061}}},
-        EnvoySettings(upstream="http://10.0.0.7:8000/", listen_port=9000, admin_host="0.0.0.0", admin_port=9902,
+                     "envoy": {"port": 9000, "adminPort": 9903, "readyPort": 9904}, "sidecar": {"extProcPort": 50061}}},
+        EnvoySettings(upstream="http://10.0.0.7:8000/", listen_port=9000, admin_port=9903, ready_port=9904,
                       sidecar_port=50061, routes=(("/", "everything"),), max_body_bytes=65536),
     ),
 }

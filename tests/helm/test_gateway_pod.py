@@ -4,7 +4,8 @@ the way the kubelet probes them. The pod fails closed until the operator pushes,
 was pushed.
 
 The kubelet probes the pod IP, not loopback: here 127.0.0.2 plays the pod IP, which a server
-bound to 127.0.0.1 (like ext_proc beside Envoy) does not answer, exactly as in a pod.
+bound to 127.0.0.1 (like ext_proc beside Envoy, or Envoy's admin) does not answer, exactly as in
+a pod.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Pod:
     processes: dict[str, Process]
     config_port: int
     envoy_port: int
+    admin_port: int
     token_file: Path
 
     def url(self, path: str) -> str:
@@ -85,13 +87,14 @@ def start_pod(tmp_path):
     upstream = start_upstream(tmp_path)
 
     def start(envoy: bool = True) -> Pod:
-        ports = {name: free_port() for name in ("envoy", "admin", "ext_proc", "config", "metrics")}
+        ports = {name: free_port() for name in ("envoy", "admin", "ready", "ext_proc", "config", "metrics")}
         rendered = render({
             "pushToken": {"value": TOKEN},
             "gateway": {
                 "upstream": upstream.url,
                 "drainSeconds": 0,
-                "envoy": {"enabled": envoy, "port": ports["envoy"], "adminPort": ports["admin"], "logLevel": "error"},
+                "envoy": {"enabled": envoy, "port": ports["envoy"], "adminPort": ports["admin"],
+                          "readyPort": ports["ready"], "logLevel": "error"},
                 "sidecar": {"extProcPort": ports["ext_proc"], "configPort": ports["config"], "metricsPort": ports["metrics"]},
             },
         })
@@ -103,10 +106,10 @@ def start_pod(tmp_path):
         for spec in pod_spec["containers"]:
             processes[spec["name"]] = Process(spec["name"], commands[spec["name"]] + _local_args(spec, directories), tmp_path)
             started.append(processes[spec["name"]])
-        pod = Pod(pod_spec, processes, ports["config"], ports["envoy"], directories["push-token"] / "token")
+        pod = Pod(pod_spec, processes, ports["config"], ports["envoy"], ports["admin"], directories["push-token"] / "token")
         try:
-            wait_until(lambda: all(_probes(pod).values()) or not all(p.alive() for p in processes.values()),
-                       what="every probe of the rendered pod")
+            wait_until(lambda: _all_pass(_probes(pod), but=UNTIL_PUSHED) or not all(p.alive() for p in processes.values()),
+                       what="every probe of the rendered pod but the sidecar's readiness")
         except TimeoutError:
             pytest.fail(f"probes of the rendered pod: {_probes(pod)}")
         for process in processes.values():
@@ -145,19 +148,20 @@ def _probes(pod: Pod) -> dict[str, bool]:
     return results
 
 
+# The one probe that waits for the operator: a pod with no chains takes no traffic.
+UNTIL_PUSHED = "sidecar readinessProbe"
+
+
+def _all_pass(probes: dict[str, bool], but: str | None = None) -> bool:
+    return all(passed for name, passed in probes.items() if name != but)
+
+
 def _chat(pod: Pod, content: str) -> httpx.Response:
     body = {"model": "demo-model", "messages": [{"role": "user", "content": content}]}
     return httpx.post(pod.url("/v1/chat/completions"), json=body, timeout=10)
 
 
-def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(start_pod):
-    pod = start_pod()
-
-    # No PluginChain pushed yet: requests fail closed, never reach the LLM unchecked.
-    refused = _chat(pod, "hello")
-    assert refused.status_code == 500, refused.text
-    assert "error" in refused.json()
-
+def _push_content_filter(pod: Pod) -> None:
     registry = default_registry([])
     plugins = [{"name": "content_filter", "config": {"banned_patterns": ["(?i)forbidden"]}}]
     chain = validate_document({"chains": {"default": plugins}}, registry)["default"]
@@ -165,6 +169,21 @@ def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(
     reply = asyncio.run(apply(f"{POD_IP}:{pod.config_port}", chain_set, PushCredentials(pod.token_file), timeout=5))
     assert reply.active_version == 1
 
+
+def test_the_rendered_pod_is_ready_once_pushed_fails_closed_before_and_runs_pushed_chains(start_pod):
+    pod = start_pod()
+
+    # No PluginChain pushed yet: the pod stays out of the Service, and a request that reaches
+    # it anyway fails closed, never reaching the LLM unchecked. Liveness passes: no restarts.
+    probes = _probes(pod)
+    assert probes[UNTIL_PUSHED] is False and _all_pass(probes, but=UNTIL_PUSHED), probes
+    refused = _chat(pod, "hello")
+    assert refused.status_code == 500, refused.text
+    assert "error" in refused.json()
+
+    _push_content_filter(pod)
+
+    assert all(_probes(pod).values()), _probes(pod)
     assert _chat(pod, "hello").status_code == 200
     assert _chat(pod, "something FORBIDDEN").status_code == 403
 
@@ -174,7 +193,32 @@ def test_the_rendered_pod_passes_its_probes_fails_closed_and_runs_pushed_chains(
     assert metrics.status_code == 200
 
 
-def test_without_envoy_the_sidecar_passes_its_probes_on_the_pod_network(start_pod):
+def test_envoy_admin_is_out_of_reach_of_the_pod_network(start_pod):
+    pod = start_pod()
+    envoy = next(spec for spec in pod.spec["containers"] if spec["name"] == "envoy")
+    ready_port = container_port(envoy, envoy["readinessProbe"]["httpGet"]["port"])
+
+    # The admin interface answers on loopback only (this is what would stop Envoy from the network).
+    assert httpx.get(f"http://127.0.0.1:{pod.admin_port}/ready", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"http://{POD_IP}:{pod.admin_port}/quitquitquit", timeout=5)
+    # The port the kubelet probes answers /ready and nothing of the admin interface.
+    assert httpx.get(f"http://{POD_IP}:{ready_port}/ready", timeout=5).status_code == 200
+    for path in ("/quitquitquit", "/healthcheck/fail", "/logging?level=trace"):
+        assert httpx.post(f"http://{POD_IP}:{ready_port}{path}", timeout=5).status_code == 404
+    assert httpx.get(f"http://{POD_IP}:{ready_port}/config_dump", timeout=5).status_code == 404
+    assert pod.processes["envoy"].alive()
+
+    # /ready follows Envoy's own health: failed from the admin interface, the probe fails too.
+    assert httpx.post(f"http://127.0.0.1:{pod.admin_port}/healthcheck/fail", timeout=5).status_code == 200
+    assert httpx.get(f"http://{POD_IP}:{ready_port}/ready", timeout=5).status_code == 503
+
+
+def test_without_envoy_the_sidecar_passes_its_probes_on_the_pod_network_once_pushed(start_pod):
     pod = start_pod(envoy=False)
     assert [spec["name"] for spec in pod.spec["containers"]] == ["sidecar"]
-    assert all(_probes(pod).values())
+    assert _probes(pod) == {"sidecar readinessProbe": False, "sidecar livenessProbe": True}
+
+    _push_content_filter(pod)
+
+    assert all(_probes(pod).values()), _probes(pod)

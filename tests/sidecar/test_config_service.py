@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pluginchain.cli import main
-from pluginchain.server import Sidecar, SidecarSettings
+from pluginchain.server import EXT_PROC_SERVICE, Sidecar, SidecarSettings
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 from tests.sidecar.test_extproc_streams import PLUGINS, request_headers
 
@@ -388,6 +388,54 @@ async def test_health_answers_without_a_token_and_drain_stops_the_config_port(st
     await pushable.sidecar.drain()
     error = await refused(pushable.get())
     assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return reply.status
+
+
+async def _readiness(sidecar: Sidecar) -> dict[str, int]:
+    """ext_proc's health as each of the sidecar's ports reports it; "" is the process's liveness."""
+    return {
+        "ext_proc port": await _health(sidecar.port, EXT_PROC_SERVICE),
+        "config port": await _health(sidecar.config_port, EXT_PROC_SERVICE),
+        "liveness": await _health(sidecar.port, ""),
+    }
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_sidecar_without_chains_is_live_but_not_ready_until_the_first_push(start_pushable):
+    pushable = await start_pushable()
+    assert await _readiness(pushable.sidecar) == {"ext_proc port": NOT_SERVING, "config port": NOT_SERVING, "liveness": SERVING}
+
+    await pushable.apply(chain_set(1, stamp("pushed")))
+
+    assert await _readiness(pushable.sidecar) == {"ext_proc port": SERVING, "config port": SERVING, "liveness": SERVING}
+
+
+async def test_a_refused_push_leaves_an_unconfigured_sidecar_unready(start_pushable):
+    pushable = await start_pushable()
+    await refused(pushable.apply(chain_set(1, {"default": [{"name": "no_such_plugin"}]})))
+    await refused(pushable.apply(chain_set(1, stamp("pushed")), token="wrong"))
+    assert (await _readiness(pushable.sidecar))["ext_proc port"] == NOT_SERVING
+
+
+async def test_a_sidecar_resuming_its_state_file_or_given_a_chain_file_is_ready_at_once(start_pushable, tmp_path):
+    first = await start_pushable()
+    await first.apply(chain_set(3, stamp("pushed")))
+    await first.sidecar.drain()
+
+    resumed = await start_pushable()
+    assert (await resumed.get()).origin == "state-file"
+    assert (await _readiness(resumed.sidecar))["ext_proc port"] == SERVING
+
+    from_file = await start_pushable(STAMP_YAML, state_file=None)
+    assert (await from_file.get()).origin == "config-file"
+    assert (await _readiness(from_file.sidecar))["config port"] == SERVING
 
 
 @pytest.fixture(scope="module")
