@@ -3,6 +3,7 @@ or a plain number of seconds, parsed once at validation into float seconds."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -17,13 +18,19 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("not a duration: expected e.g. '250ms', '30s', '1m', '1h', '1d' or seconds")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"duration {value} is out of range") from None
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
     else:
         raise ValueError(
             f"not a duration: {value!r}; expected e.g. '250ms', '30s', '1m', '1h', '1d' or seconds"
         )
+    if not math.isfinite(seconds):
+        # JSON parsers take NaN and Infinity; a NaN timeout would never fire, nor compare.
+        raise ValueError(f"duration must be a finite number, got {value!r}")
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
     return seconds

@@ -131,3 +131,19 @@ def test_syntax_errors_name_the_file(tmp_path):
 
 def test_json_with_comments_and_trailing_commas_parses():
     assert parse_text('[{"name": "x", // the plugin\n "priority": 1,},]') == [{"name": "x", "priority": 1}]
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("NaN", "must be a finite number"),
+        ("Infinity", "must be a finite number"),
+        ("1" + "0" * 400, "out of range"),
+        ('"0s"', "must be positive"),
+    ],
+)
+def test_a_duration_that_is_no_usable_number_is_an_error(written, problem):
+    # JSON parsers accept NaN and Infinity: a NaN timeout would never fire.
+    document = parse_text('[{"name": "scripted", "timeout": %s}]' % written)
+    errors = errors_of(document, scripted_registry())
+    assert len(errors) == 1 and errors[0].startswith("[0] (scripted).timeout:") and problem in errors[0], errors
