@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import Counter
 
 from pluginchain.api import Exchange, Failure, HttpMessage, Reject, Stage
+from pluginchain.content_coding import readable_accept_encoding
 from pluginchain.engine import CompiledChain
 from pluginchain.plans import PlanHolder
 from pluginchain.schema import DEFAULT_CHAIN
@@ -150,6 +151,12 @@ class _Stream:
             self.outcome = "error"
             message = f"gateway misconfigured: unknown plugin chain {self.chain_name!r}"
             return self._immediate(Reject(500, message, code="unknown_chain", type="server_error"))
+        if self.chain.phases.response_body:
+            # The upstream must answer in a coding the chain can read: a brotli or zstd
+            # completion would otherwise be refused unread (fail closed) instead of checked.
+            accept_encoding = readable_accept_encoding(exchange.request.headers.get("accept-encoding"))
+            if accept_encoding is not None:
+                exchange.request.set_header("accept-encoding", accept_encoding)
         if self.chain.phases.request_body and not headers.end_of_stream:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=self.mode)
         if headers.end_of_stream:

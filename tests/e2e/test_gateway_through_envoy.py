@@ -97,6 +97,20 @@ def test_post_request_redacts_the_completion_and_keeps_content_length_right(gate
     assert "123-45-6789" in gw.upstream.received()[0]["body"]
 
 
+def test_a_client_accepting_brotli_still_gets_its_completion_checked(gateway):
+    gw = gateway("""
+        plugins:
+          - name: content_filter
+            stage: post_request
+            config: {banned_patterns: ['\\b\\d{3}-\\d{2}-\\d{4}\\b'], action: redact}
+    """)
+    response = gw.chat("my SSN is 123-45-6789", headers={"accept-encoding": "br, zstd, gzip;q=0.5"})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "You said: my SSN is [REDACTED]"
+    # The upstream was asked only for a coding the chain reads, never for one it would refuse unread.
+    assert gw.upstream.received()[0]["headers"]["accept-encoding"] == "gzip;q=0.5"
+
+
 def test_routes_select_their_chain(gateway):
     gw = gateway(
         """

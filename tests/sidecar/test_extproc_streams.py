@@ -83,6 +83,29 @@ chains:
     assert responses.mode_override.response_body_mode == Mode.BUFFERED
 
 
+def _set_headers(answer: pb.ProcessingResponse) -> dict[str, str]:
+    mutation = answer.request_headers.response.header_mutation
+    return {option.header.key: option.header.raw_value.decode() for option in mutation.set_headers}
+
+
+async def test_a_chain_reading_responses_asks_the_upstream_only_for_codings_it_reads(start_sidecar):
+    _, stub = await start_sidecar("""
+chains:
+  default: [{name: content_filter, stage: post_request, config: {banned_patterns: [x]}}]
+  prompts: [{name: content_filter, config: {banned_patterns: [x]}}]
+""")
+    [brotli_first] = await exchange(stub, request_headers(end_of_stream=True, accept_encoding="br, gzip;q=0.8, zstd"))
+    assert _set_headers(brotli_first) == {"accept-encoding": "gzip;q=0.8"}
+    [only_brotli] = await exchange(stub, request_headers(end_of_stream=True, accept_encoding="br"))
+    assert _set_headers(only_brotli) == {"accept-encoding": "identity"}
+    [readable] = await exchange(stub, request_headers(end_of_stream=True, accept_encoding="gzip, deflate"))
+    assert _set_headers(readable) == {}
+
+    # A chain that never reads a response leaves the client's choice alone.
+    [prompts] = await exchange(stub, request_headers(accept_encoding="br"), metadata=(("x-pluginchain-chain", "prompts"),))
+    assert not prompts.request_headers.response.HasField("header_mutation")
+
+
 async def test_a_replaced_body_carries_its_new_content_length(start_sidecar):
     _, stub = await start_sidecar("plugins: [{name: content_filter, config: {banned_patterns: [secret], action: redact}}]")
     body = b'{"messages": [{"role": "user", "content": "a secret"}]}'

@@ -18,7 +18,8 @@ What is matched is the text the model sees, not the bytes on the wire:
   parts or messages of a prompt) is found in their joined text, besides in each field alone;
 - an event-stream response is read ``data:`` event by ``data:`` event (``[DONE]`` skipped);
 - a gzip or deflate body is inflated first (and deflated again after redaction); a body in
-  another content-encoding cannot be inspected and is never let through unread;
+  another content-encoding cannot be inspected and is never let through unread (the sidecar asks
+  upstreams for readable codings only, see :mod:`pluginchain.content_coding`);
 - any other body is matched as UTF-8 text (undecodable bytes read as U+FFFD).
 
 ``action: reject`` answers ``status_code`` with an OpenAI-style error, code ``content_filtered``,
@@ -29,16 +30,15 @@ left exactly as they were.
 
 from __future__ import annotations
 
-import gzip
 import json
 import unicodedata
-import zlib
 from typing import Annotated, Any, Literal, Sequence
 
 import re2
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pluginchain.api import InstanceSettings, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain.content_coding import UnreadableBody, deflate, inflate
 from pluginchain.plugins.llm_text import (
     EventStream,
     Group,
@@ -47,10 +47,6 @@ from pluginchain.plugins.llm_text import (
     replace_text_fields,
     text_fields,
 )
-
-MAX_INFLATED_BYTES = 64 << 20
-"""Largest body a compressed body may inflate to before it is refused (a zip bomb guard)."""
-
 
 def re2_options(case_sensitive: bool = True) -> re2.Options:
     options = re2.Options()
@@ -144,10 +140,6 @@ Span = tuple[int, int, bool]
 piece of a match split over several texts carries the mask, the other pieces are dropped)."""
 
 
-class UninspectableBody(ValueError):
-    """The body is compressed in a way the filter cannot read, so it cannot be judged."""
-
-
 class ContentFilter(Plugin):
     """Rejects or redacts banned patterns in prompts (pre_request) and completions (post_request)."""
 
@@ -172,8 +164,8 @@ class ContentFilter(Plugin):
         encoding = data.headers.get("content-encoding", "").strip().lower()
         compressed = encoding not in ("", "identity")
         try:
-            plain = _inflate(body, encoding) if compressed else body
-        except UninspectableBody as error:
+            plain = inflate(body, encoding) if compressed else body
+        except UnreadableBody as error:
             if self.stage is Stage.PRE_REQUEST:
                 raise Reject(
                     415, f"content_filter: {error}", code="uninspectable_body", type="invalid_request_error"
@@ -198,7 +190,7 @@ class ContentFilter(Plugin):
                     return
                 new_plain = _dump_json(new_document).encode()
         if new_plain is not None:
-            data.set_body(_deflate(new_plain, encoding) if compressed else new_plain)
+            data.set_body(deflate(new_plain, encoding) if compressed else new_plain)
 
     def _filter_document(self, document: Any) -> Any | None:
         """The document with banned text redacted, or ``None`` when nothing is banned."""
@@ -311,37 +303,3 @@ def _masked(text: str, spans: list[Span], mask: str) -> str:
 
 def _dump_json(document: Any) -> str:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-
-
-def _inflate(body: bytes, encoding: str) -> bytes:
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise UninspectableBody(f"cannot inspect a body with content-encoding {encoding!r}")
-    try:
-        return _inflate_members(body, zlib.MAX_WBITS | 32)  # zlib or gzip header, detected
-    except zlib.error:
-        if encoding != "deflate":
-            raise UninspectableBody(f"body is not valid {encoding}") from None
-    try:
-        return _inflate_members(body, -zlib.MAX_WBITS)  # raw deflate, as some servers send it
-    except zlib.error:
-        raise UninspectableBody("body is not valid deflate") from None
-
-
-def _inflate_members(body: bytes, wbits: int) -> bytes:
-    # Every gzip member counts: a reader that stopped at the first would miss what follows.
-    inflated, rest = bytearray(), body
-    while rest:
-        decompressor = zlib.decompressobj(wbits)
-        inflated += decompressor.decompress(rest, MAX_INFLATED_BYTES + 1 - len(inflated))
-        if len(inflated) > MAX_INFLATED_BYTES or decompressor.unconsumed_tail:
-            raise UninspectableBody(f"body inflates to more than {MAX_INFLATED_BYTES} bytes")
-        if not decompressor.eof:
-            raise zlib.error("truncated stream")
-        rest = decompressor.unused_data
-    return bytes(inflated)
-
-
-def _deflate(body: bytes, encoding: str) -> bytes:
-    if encoding == "deflate":
-        return zlib.compress(body)
-    return gzip.compress(body, mtime=0)
