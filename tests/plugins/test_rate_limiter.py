@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from pluginchain import PluginData, Reject
-from pluginchain.plugins.rate_limiter import RateLimiter
+from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
 from tests.plugins.valkey_server import free_port
 
@@ -92,6 +92,15 @@ async def test_concurrent_callers_get_exactly_the_limit_then_again_after_a_windo
     admitted = await count_admitted([limiter], 50)
     elapsed = time.monotonic() - started
     assert admitted == 10 or (elapsed >= interval and admitted <= 10 + elapsed / interval)
+
+
+async def test_a_burst_larger_than_the_redis_pool_waits_for_connections_instead_of_failing_open(build, chain):
+    limiter = build("redis", limit=100, window="1h")
+
+    admitted = await count_admitted([limiter], 3 * REDIS_MAX_CONNECTIONS + 200)
+
+    assert admitted == 100
+    assert backend_errors(chain, "allow") == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

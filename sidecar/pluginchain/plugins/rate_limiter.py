@@ -33,7 +33,7 @@ from typing import Literal
 
 from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -54,6 +54,11 @@ BACKEND_ERRORS = Counter(
     "Rate limit decisions the backend (Redis) could not make, by what on_backend_error decided.",
     ["chain", "plugin", "decision"],
 )
+
+REDIS_MAX_CONNECTIONS = 32
+"""Connections one ``redis`` limiter opens at most; decisions beyond that many at once queue for
+a connection (within ``redis_timeout``). A decision is one short script call, so a few
+connections carry thousands of decisions per second."""
 
 _MICROS = 1_000_000
 _HEADER_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
@@ -235,13 +240,19 @@ class RateLimiter(Plugin):
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
         else:
             assert config.redis_url is not None
-            self._redis = Redis.from_url(
+            # A bounded pool that makes a burst wait for a connection: redis-py's default pool
+            # refuses the connection past its maximum at once, and on_backend_error: allow would
+            # then admit the whole burst.
+            pool = BlockingConnectionPool.from_url(
                 config.redis_url,
+                max_connections=REDIS_MAX_CONNECTIONS,
+                timeout=config.redis_timeout,
                 socket_timeout=config.redis_timeout,
                 socket_connect_timeout=config.redis_timeout,
                 # One try: a retry would outlast redis_timeout, and on_backend_error covers failure.
                 retry=Retry(NoBackoff(), 0),
             )
+            self._redis = Redis.from_pool(pool)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
             self._allowed_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "allow")
             self._denied_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "deny")
