@@ -270,22 +270,53 @@ class Sidecar:
 
 
 def _server_credentials(settings: SidecarSettings) -> grpc.ServerCredentials | None:
-    """ConfigService's TLS credentials, read at start-up so a wrong path fails before serving."""
+    """ConfigService's TLS credentials. The files are read at start-up, so a wrong path fails
+    before serving, and again before each TLS handshake, so a rotated certificate (cert-manager
+    renewing a mounted Secret) is served without a restart."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-
-    def read(flag: str, path: Path) -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as error:
-            raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
-
-    client_ca = read("--tls-client-ca", settings.tls_client_ca) if settings.tls_client_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(read("--tls-key", settings.tls_key), read("--tls-cert", settings.tls_cert))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    files = _TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(files.read()),
+        files.fetch_if_changed,
+        require_client_authentication=settings.tls_client_ca is not None,
     )
+
+
+class _TlsFiles:
+    """The certificate, key and client CA files, and the contents last handed to gRPC."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None):
+        self._paths = {"--tls-cert": cert, "--tls-key": key, "--tls-client-ca": client_ca}
+        self._serving: dict[str, bytes | None] = {}
+
+    def read(self) -> dict[str, bytes | None]:
+        contents = {}
+        for flag, path in self._paths.items():
+            try:
+                contents[flag] = path.read_bytes() if path is not None else None
+            except OSError as error:
+                raise ValueError(f"{flag} {path}: {error.strerror or error}") from None
+        return contents
+
+    def configuration(self, contents: dict[str, bytes | None]) -> grpc.ServerCertificateConfiguration:
+        self._serving = contents
+        return grpc.ssl_server_certificate_configuration(
+            [(contents["--tls-key"], contents["--tls-cert"])], root_certificates=contents["--tls-client-ca"],
+        )
+
+    def fetch_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's fetcher, called before each handshake: a new configuration when the files
+        changed, None to keep the one it has (also when a file cannot be read mid-rotation)."""
+        try:
+            contents = self.read()
+        except ValueError as error:
+            logger.error("ConfigService TLS: %s; keeping the certificate in use", error)
+            return None
+        if contents == self._serving:
+            return None
+        logger.info("ConfigService TLS: certificate files changed; serving them from this handshake on")
+        return self.configuration(contents)
 
 
 @contextlib.contextmanager

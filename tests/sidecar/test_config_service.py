@@ -482,6 +482,42 @@ async def test_with_mtls_only_a_client_certificate_from_the_ca_gets_through(star
     assert await pushable.status_for("forbidden") == 403
 
 
+async def test_a_rotated_certificate_is_served_without_a_restart(start_pushable, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pluginchain")
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1")
+        issued.private_key_pem.write_to_path(str(key))
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+
+    async def version_seen_trusting(ca: trustme.CA) -> int | grpc.StatusCode:
+        # A new channel each time: rotation applies to new connections.
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{pushable.sidecar.config_port}", credentials) as channel:
+            call = config_pb2_grpc.ConfigServiceStub(channel).Get(config_pb2.GetRequest(), metadata=auth(TOKEN), timeout=5)
+            try:
+                return (await call).chain_set.version
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+
+    install(old_ca)
+    pushable = await start_pushable(tls_cert=cert, tls_key=key, credentials=grpc.ssl_channel_credentials(old_ca.cert_pem.bytes()))
+    await pushable.apply(chain_set(4, stamp("before rotation")))
+    assert await version_seen_trusting(old_ca) == 4
+
+    install(new_ca)
+    assert await version_seen_trusting(new_ca) == 4
+    assert await version_seen_trusting(old_ca) == grpc.StatusCode.UNAVAILABLE
+    assert "certificate files changed" in caplog.text
+
+    # A file missing mid-rotation keeps the certificate in use rather than breaking TLS.
+    key.unlink()
+    assert await version_seen_trusting(new_ca) == 4
+    assert "keeping the certificate in use" in caplog.text
+
+
 def test_push_mode_never_starts_without_a_token_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="--token-file"):
         SidecarSettings(config_port=0)
