@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
 
-from pluginchain.engine import compile_plan
 from pluginchain.registry import PluginRegistry
-from pluginchain.schema import ConfigError, ConfigIssue, pydantic_issues, validate_document
+from pluginchain.schema import validate_document
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
 from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply, chain_message
@@ -32,6 +30,7 @@ from pluginchain_operator.resources import (
     LabelSelector,
     PluginChainSpec,
     spec_document,
+    validate_spec,
 )
 
 logger = logging.getLogger("pluginchain.operator")
@@ -347,29 +346,6 @@ class Controller:
         if body is not None and condition["status"] == "False" and condition["reason"] in ("PushFailed", "InvalidSpec"):
             kopf.warn(body, reason=condition["reason"], message=condition["message"][:1000])
         return status
-
-
-def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[ConfigIssue]:
-    """Every problem of a PluginChain spec, located under ``spec.``."""
-    issues: list[ConfigIssue] = []
-    try:
-        PluginChainSpec.model_validate(spec)
-    except ValidationError as error:
-        issues.extend(i for i in pydantic_issues(error, "spec") if not i.location.startswith("spec.plugins["))
-    try:
-        validate_document(spec_document(spec), registry)
-    except ConfigError as error:
-        chain = spec.get("chain", "default")
-        prefix = f"chains.{chain}"
-        for issue in error.issues:
-            location = issue.location.replace(prefix, "spec.plugins", 1) if issue.location.startswith(prefix) else issue.location
-            issues.append(ConfigIssue(location, issue.message))
-    if not issues:
-        try:
-            compile_plan(validate_document(spec_document(spec), registry), registry)
-        except ConfigError as error:
-            issues.extend(error.issues)
-    return issues
 
 
 def _now() -> str:

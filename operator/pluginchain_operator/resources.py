@@ -5,9 +5,22 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
 
-from pluginchain.schema import CHAIN_NAME, DEFAULT_CHAIN, PluginEntry
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pluginchain.engine import compile_plan
+from pluginchain.registry import PluginRegistry
+from pluginchain.schema import (
+    CHAIN_NAME,
+    DEFAULT_CHAIN,
+    ConfigError,
+    ConfigIssue,
+    PluginEntry,
+    ValidatedChain,
+    pydantic_issues,
+    validate_document,
+)
 
 GROUP = "pluginchain.io"
 VERSION = "v1alpha1"
@@ -80,3 +93,64 @@ class PluginChainSpec(BaseModel):
 def spec_document(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The spec as a chain document the shared schema validates: ``{"chains": {chain: plugins}}``."""
     return {"chains": {spec.get("chain", DEFAULT_CHAIN): spec.get("plugins")}}
+
+
+def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[ConfigIssue]:
+    """Every problem of a PluginChain spec, located under ``spec.``."""
+    issues: list[ConfigIssue] = []
+    try:
+        PluginChainSpec.model_validate(spec)
+    except ValidationError as error:
+        issues.extend(i for i in pydantic_issues(error, "spec") if not i.location.startswith("spec.plugins["))
+    try:
+        validate_document(spec_document(spec), registry)
+    except ConfigError as error:
+        chain = spec.get("chain", "default")
+        prefix = f"chains.{chain}"
+        for issue in error.issues:
+            location = issue.location.replace(prefix, "spec.plugins", 1) if issue.location.startswith(prefix) else issue.location
+            issues.append(ConfigIssue(location, issue.message))
+    if not issues:
+        try:
+            compile_plan(validate_document(spec_document(spec), registry), registry)
+        except ConfigError as error:
+            issues.extend(error.issues)
+    return issues
+
+
+def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[str, dict[str, ValidatedChain]] | None:
+    """The chains of the PluginChain resources in a file of Kubernetes manifests (YAML documents,
+    or JSON such as ``kubectl get pc -o json``), by resource (``PluginChain NAMESPACE/NAME``);
+    None when the file holds no PluginChain (it is then a chain file). Other kinds are skipped.
+    Raises :class:`ConfigError` with every issue of every resource, each located in it."""
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError:
+        return None  # not a manifest stream: the chain-file parser says what is wrong
+    resources = []
+    for document in documents:
+        if isinstance(document, dict) and isinstance(document.get("items"), list):  # a List
+            resources.extend(item for item in document["items"] if isinstance(item, dict) and item.get("kind") == KIND)
+        elif isinstance(document, dict) and document.get("kind") == KIND:
+            resources.append(document)
+    if not resources:
+        return None
+    chains: dict[str, dict[str, ValidatedChain]] = {}
+    issues: list[ConfigIssue] = []
+    for resource in resources:
+        metadata = resource.get("metadata") if isinstance(resource.get("metadata"), dict) else {}
+        name = f"{metadata['namespace']}/{metadata.get('name', '?')}" if metadata.get("namespace") else metadata.get("name", "?")
+        label = f"{KIND} {name}"
+        if resource.get("apiVersion") != f"{GROUP}/{VERSION}":
+            issues.append(ConfigIssue(f"{label}: apiVersion", f"expected {GROUP}/{VERSION}, got {resource.get('apiVersion')!r}"))
+        spec = resource.get("spec")
+        if not isinstance(spec, dict):
+            issues.append(ConfigIssue(f"{label}: spec", "required object is missing"))
+            continue
+        found = validate_spec(spec, registry)
+        issues.extend(ConfigIssue(f"{label}: {issue.location}", issue.message) for issue in found)
+        if not found:
+            chains[label] = validate_document(spec_document(spec), registry)
+    if issues:
+        raise ConfigError(issues, source)
+    return chains

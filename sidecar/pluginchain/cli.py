@@ -39,12 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pluginchain", description=__doc__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check a chain file; print OK or every error")
+    validate = commands.add_parser("validate", help="check a chain file or PluginChain manifests; print OK or every error")
     validate.set_defaults(handler=_validate)
-    plan = commands.add_parser("plan", help="print the execution plan a chain file compiles to")
+    plan = commands.add_parser("plan", help="print the execution plan a chain file (or each PluginChain) compiles to")
     plan.set_defaults(handler=_plan)
     for command in (validate, plan):
-        command.add_argument("file", metavar="FILE", help="chain file (JSON, JSON with // comments, or YAML)")
+        command.add_argument(
+            "file", metavar="FILE",
+            help="chain file (JSON, JSON with // comments, or YAML), or Kubernetes manifests holding PluginChain "
+            "resources (judged as the operator judges them; other kinds are skipped)",
+        )
         _add_plugins_option(command)
 
     serve = commands.add_parser(
@@ -248,28 +252,47 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    plan = _load_or_report(args)
-    if plan is None:
+    plans = _load_or_report(args)
+    if plans is None:
         return 1
-    asyncio.run(plan.aclose())
+    asyncio.run(_close(plans))
     print("OK")
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    plan = _load_or_report(args)
-    if plan is None:
+    plans = _load_or_report(args)
+    if plans is None:
         return 1
-    print(render_plan(plan), end="")
-    asyncio.run(plan.aclose())
+    for resource, plan in plans.items():
+        if resource:
+            print(f"# {resource}")
+        print(render_plan(plan), end="")
+    asyncio.run(_close(plans))
     return 0
 
 
-def _load_or_report(args: argparse.Namespace) -> Plan | None:
-    """The compiled plan of ``args.file``, or None after printing every error."""
+async def _close(plans: dict[str, Plan]) -> None:
+    for plan in plans.values():
+        await plan.aclose()
+
+
+def _load_or_report(args: argparse.Namespace) -> dict[str, Plan] | None:
+    """The compiled plans of ``args.file``: a chain file's (under ""), or each PluginChain's in a
+    file of Kubernetes manifests (under "PluginChain NAME"); None after printing every error."""
+    from pluginchain_operator.resources import manifest_chains
+
     registry = default_registry(args.plugins)
     try:
-        return _compile(args.file, registry)
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            manifests = None  # load_file reports it
+        else:
+            manifests = manifest_chains(text, args.file, registry)
+        if manifests is None:
+            return {"": _compile(args.file, registry)}
+        return {resource: compile_plan(chains, registry) for resource, chains in manifests.items()}
     except ConfigError as error:
         print(error.render(), file=sys.stderr)
         return None

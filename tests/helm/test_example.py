@@ -9,7 +9,7 @@ import jsonschema
 import yaml
 
 from pluginchain.registry import default_registry
-from pluginchain_operator.controller import validate_spec
+from pluginchain_operator.resources import validate_spec
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import GROUP, KIND, VERSION, LabelSelector
 from tests.helm.chart import ROOT, render

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pluginchain.registry import default_registry
-from pluginchain_operator.controller import validate_spec
+from pluginchain_operator.resources import validate_spec
 from pluginchain_operator.resources import LabelSelector
 
 SELECTOR = {"matchLabels": {"app": "gateway"}}
