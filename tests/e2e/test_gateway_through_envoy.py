@@ -81,13 +81,16 @@ def test_the_rate_limit_answers_429_with_its_headers(gateway):
     assert len(gw.upstream.received()) == 4
 
 
+REDACT_SSN_IN_COMPLETIONS = """
+    plugins:
+      - name: content_filter
+        stage: post_request
+        config: {banned_patterns: ['\\b\\d{3}-\\d{2}-\\d{4}\\b'], action: redact}
+"""
+
+
 def test_post_request_redacts_the_completion_and_keeps_content_length_right(gateway):
-    gw = gateway("""
-        plugins:
-          - name: content_filter
-            stage: post_request
-            config: {banned_patterns: ['\\b\\d{3}-\\d{2}-\\d{4}\\b'], action: redact}
-    """)
+    gw = gateway(REDACT_SSN_IN_COMPLETIONS)
     response = gw.chat("my SSN is 123-45-6789, keep it safe")
     assert response.status_code == 200
     content = response.json()["choices"][0]["message"]["content"]
@@ -98,12 +101,7 @@ def test_post_request_redacts_the_completion_and_keeps_content_length_right(gate
 
 
 def test_a_client_accepting_brotli_still_gets_its_completion_checked(gateway):
-    gw = gateway("""
-        plugins:
-          - name: content_filter
-            stage: post_request
-            config: {banned_patterns: ['\\b\\d{3}-\\d{2}-\\d{4}\\b'], action: redact}
-    """)
+    gw = gateway(REDACT_SSN_IN_COMPLETIONS)
     response = gw.chat("my SSN is 123-45-6789", headers={"accept-encoding": "br, zstd, gzip;q=0.5"})
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "You said: my SSN is [REDACTED]"
