@@ -78,7 +78,7 @@ def render(settings: EnvoySettings) -> dict:
         "stat_prefix": "gateway",
         "generate_request_id": True,
         "route_config": {"name": "gateway", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
-        "http_filters": [{"name": EXT_PROC_FILTER, "typed_config": ext_proc}, _ROUTER],
+        "http_filters": [{"name": EXT_PROC_FILTER, "typed_config": ext_proc}, _router()],
     }
     upstream_cluster = {
         "name": UPSTREAM_CLUSTER,
@@ -126,7 +126,9 @@ def render(settings: EnvoySettings) -> dict:
     }
 
 
-_ROUTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+def _router() -> dict:
+    # A new dict each time: a shared one would be dumped as a YAML anchor and alias.
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
 
 def _http_filter_chain(connection_manager: dict) -> dict:
@@ -148,7 +150,7 @@ def _ready_listener(host: str, port: int) -> dict:
                 "pass_through_mode": False,
                 "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}],
             }},
-            _ROUTER,
+            _router(),
         ],
     }
     return {"name": "ready", "address": _socket(host, port), "filter_chains": [_http_filter_chain(connection_manager)]}

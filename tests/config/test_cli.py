@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pluginchain.cli import main
+from pluginchain.envoy_config import EnvoySettings
+from pluginchain.envoy_config import render as render_envoy
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -119,3 +122,14 @@ def test_kubectl_json_output_is_read_too(capsys, tmp_path):
         "spec": {"selector": {"matchLabels": {"app": "gw"}}, "plugins": [{"name": "rate_limiter"}]}}]}""")
     code, out, _ = run(capsys, "plan", str(path))
     assert code == 0 and out.startswith("# PluginChain gw/a\nchain default\n")
+
+
+def test_envoy_config_prints_the_gateway_configuration_as_plain_yaml(capsys):
+    code, out, _ = run(capsys, "envoy-config", "--upstream", "https://api.openai.com", "--ready-port", "9902",
+                       "--route", "/v1/embeddings=embeddings")
+    assert code == 0
+    # Plain YAML a person can read and adopt: no anchors or aliases standing in for repeated parts.
+    assert "&id" not in out and "*id" not in out
+    config = yaml.safe_load(out)
+    assert config == render_envoy(EnvoySettings(upstream="https://api.openai.com", ready_port=9902,
+                                                routes=(("/v1/embeddings", "embeddings"),)))
