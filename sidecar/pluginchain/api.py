@@ -356,7 +356,8 @@ class Plugin(ABC):
     """False for a plugin whose ``execute`` never awaits (pure computation). The engine then runs
     it inline, without a timer or a task: a timeout cannot interrupt code that never yields, and
     parallel members that never yield finish in one loop turn anyway. Set it per instance when it
-    depends on config. A plugin that says False and then awaits I/O loses its timeout."""
+    depends on config. A plugin that says False and then awaits anyway fails (``on_error``
+    applies) and the log names it."""
 
     def __init__(self, config: PluginConfig, settings: InstanceSettings):
         self.config = config

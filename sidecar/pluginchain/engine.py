@@ -193,10 +193,7 @@ class CompiledChain:
         views = [PluginData(stage, exchange) for _ in members]
         outcomes = []
         for plugin, view in zip(members, views, strict=True):
-            try:
-                outcome = _run_to_completion(self._execute(self._members[plugin.id], view, exchange))
-            except RuntimeError as error:
-                outcome = Failure(plugin.id, stage, "exception", str(error), plugin.settings.on_error == "fail_open")
+            outcome = self._execute_inline(self._members[plugin.id], view, exchange)
             stop = self._settle(outcome, failures)
             if stop is not None:
                 return stop
@@ -225,35 +222,63 @@ class CompiledChain:
     async def _execute(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
         """Run one plugin under its timeout; never raises except for cancellation."""
         plugin = member.plugin
+        if not plugin.suspends:
+            return self._execute_inline(member, data, exchange)
         settings = plugin.settings
-        loop = asyncio.get_running_loop()
-        ctx = PluginContext(self.name, exchange.request_id, plugin.id, loop.time() + settings.timeout)
+        ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + settings.timeout)
         started = time.perf_counter()
-        timeout = asyncio.timeout(settings.timeout if plugin.suspends else None)
+        timeout = asyncio.timeout(settings.timeout)
         try:
             async with timeout:
                 await plugin.execute(ctx, data)
         except Reject as reject:
-            reject.plugin_id = plugin.id
-            member.outcomes["reject"].inc()
-            return reject
+            return self._rejected(member, reject)
         except Exception as error:
-            if isinstance(error, TimeoutError) and timeout.expired():
-                failure = Failure(plugin.id, data.stage, "timeout", f"timed out after {settings.timeout:g}s", settings.on_error == "fail_open")
-            else:
-                failure = Failure(plugin.id, data.stage, "exception", f"{type(error).__name__}: {error}", settings.on_error == "fail_open")
-            member.outcomes["fail_open" if failure.fail_open else "error"].inc()
-            logger.warning(
-                "plugin %s failed in %s (%s, %s): %s",
-                plugin.id, data.stage, failure.kind, settings.on_error, failure.message,
-                extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
-                exc_info=failure.kind == "exception",
-            )
-            return failure
+            return self._failed(member, data, exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
         finally:
             member.latency.observe(time.perf_counter() - started)
         member.outcomes["allow"].inc()
         return None
+
+    def _execute_inline(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
+        """:meth:`_execute` for a plugin that never suspends: driven to completion at once, with no
+        timer (nothing could interrupt it anyway), task or event-loop turn."""
+        plugin = member.plugin
+        ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + plugin.settings.timeout)
+        started = time.perf_counter()
+        try:
+            _run_to_completion(plugin.execute(ctx, data))
+        except Reject as reject:
+            return self._rejected(member, reject)
+        except Exception as error:
+            return self._failed(member, data, exchange, error, timed_out=False)
+        finally:
+            member.latency.observe(time.perf_counter() - started)
+        member.outcomes["allow"].inc()
+        return None
+
+    @staticmethod
+    def _rejected(member: _Member, reject: Reject) -> Reject:
+        reject.plugin_id = member.plugin.id
+        member.outcomes["reject"].inc()
+        return reject
+
+    def _failed(self, member: _Member, data: PluginData, exchange: Exchange, error: Exception, *, timed_out: bool) -> Failure:
+        plugin = member.plugin
+        settings = plugin.settings
+        fail_open = settings.on_error == "fail_open"
+        if timed_out:
+            failure = Failure(plugin.id, data.stage, "timeout", f"timed out after {settings.timeout:g}s", fail_open)
+        else:
+            failure = Failure(plugin.id, data.stage, "exception", f"{type(error).__name__}: {error}", fail_open)
+        member.outcomes["fail_open" if fail_open else "error"].inc()
+        logger.warning(
+            "plugin %s failed in %s (%s, %s): %s",
+            plugin.id, data.stage, failure.kind, settings.on_error, failure.message,
+            extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
+            exc_info=failure.kind == "exception",
+        )
+        return failure
 
 
 def _run_to_completion(coroutine):

@@ -14,7 +14,7 @@ import httpx
 import yaml
 
 from pluginchain.envoy_config import EnvoySettings, render
-from pluginchain.server import Sidecar, SidecarSettings, signal_handlers
+from pluginchain.server import Sidecar, SidecarSettings, signal_handlers, tune_garbage_collection_for_serving
 
 logger = logging.getLogger("pluginchain.gateway")
 
@@ -87,6 +87,7 @@ async def run_gateway(sidecar_settings: SidecarSettings, envoy_settings: EnvoySe
         envoy = EnvoyProcess(render(dataclasses.replace(envoy_settings, sidecar_port=sidecar.port)))
         try:
             await envoy.start()
+            tune_garbage_collection_for_serving()
             print(_how_to_call(envoy_settings, sidecar), flush=True)
             loop = asyncio.get_running_loop()
             exited = loop.create_task(envoy.process.wait())  # type: ignore[union-attr]

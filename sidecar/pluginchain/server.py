@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -334,10 +335,24 @@ def signal_handlers(sidecar: Sidecar) -> Iterator[asyncio.Event]:
             loop.remove_signal_handler(signum)
 
 
+def tune_garbage_collection_for_serving() -> None:
+    """Call once a serving process has started up. Each request allocates many short-lived
+    objects (header maps, parsed JSON, plugin views), so CPython's default generation-0
+    threshold of 700 allocations runs a collection every few requests, a measurable share of the
+    sidecar's CPU. What start-up built (modules, the plan) is frozen out of the collector's sight,
+    and generation 0 is collected every 10,000 allocations: a little more memory held between
+    collections (reference counting frees almost everything at once anyway) for fewer of them."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, 10_000), middle, old)
+
+
 async def run_until_signalled(sidecar: Sidecar) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
+    """Serve until SIGTERM or SIGINT, then drain. For a process that does nothing else."""
     with signal_handlers(sidecar) as stop:
         await sidecar.start()
+        tune_garbage_collection_for_serving()
         try:
             await stop.wait()
             logger.info("signal received: draining")

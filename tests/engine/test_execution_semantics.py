@@ -231,8 +231,11 @@ async def test_members_that_never_suspend_keep_the_parallel_semantics():
         result = await rejecting.run_stage(Stage.PRE_REQUEST, exchange)
         assert result.rejection.status == 403 and "x-o" not in exchange.request.headers
 
-        lying = chain_of(step("sleeper", parallel=True, sleep=0.01), step("other", parallel=True))
-        result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
-        assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
+        # A member that says it never suspends and then awaits fails, in parallel or alone, saying so.
+        for lying in (chain_of(step("sleeper", parallel=True, sleep=0.01), step("other", parallel=True)),
+                      chain_of(step("sleeper", sleep=0.01))):
+            result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
+            assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
+            assert "declared `suspends = False` but awaited" in result.failures[0].message
     finally:
         del Scripted.suspends
