@@ -6,31 +6,37 @@ The stable import path for plugin authors: everything a plugin needs is importab
 from pluginchain.api import (
     BodyNeeds,
     BodyNotJSON,
+    BodyTooDeep,
     Exchange,
     Failure,
     HttpMessage,
     InstanceSettings,
+    MAX_JSON_DEPTH,
     Plugin,
     PluginConfig,
     PluginContext,
     PluginData,
     Reject,
     Stage,
+    parse_json,
 )
 from pluginchain.durations import Duration
 
 __all__ = [
     "BodyNeeds",
     "BodyNotJSON",
+    "BodyTooDeep",
     "Duration",
     "Exchange",
     "Failure",
     "HttpMessage",
     "InstanceSettings",
+    "MAX_JSON_DEPTH",
     "Plugin",
     "PluginConfig",
     "PluginContext",
     "PluginData",
     "Reject",
     "Stage",
+    "parse_json",
 ]

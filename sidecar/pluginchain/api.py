@@ -74,6 +74,46 @@ class BodyNotJSON(ValueError):
     """The body is absent or not valid JSON."""
 
 
+MAX_JSON_DEPTH = 128
+"""The deepest nesting of arrays and objects a body may have to be decoded. No LLM request
+comes near it; a body beyond it is not decoded at all, so that no plugin judges a document it
+cannot fully walk while the upstream, whose parser may go deeper, reads all of it."""
+
+
+class BodyTooDeep(BodyNotJSON):
+    """The body is JSON nested deeper than :data:`MAX_JSON_DEPTH`. A plugin that judges bodies
+    must refuse such a body (or fail), never treat it as plain text: the upstream may parse it."""
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """JSON as every plugin gets it from :meth:`HttpMessage.json`: raises :class:`BodyNotJSON`
+    when ``raw`` is not valid JSON and :class:`BodyTooDeep` when it nests too deeply."""
+    too_deep = f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        document = json.loads(raw)
+    except RecursionError:
+        raise BodyTooDeep(too_deep) from None
+    except ValueError as error:  # UnicodeDecodeError included
+        raise BodyNotJSON(f"body is not valid JSON: {error}") from None
+    if _nests_deeper_than(document, MAX_JSON_DEPTH):
+        raise BodyTooDeep(too_deep)
+    return document
+
+
+def _nests_deeper_than(document: Any, limit: int) -> bool:
+    # Level by level, each container once, no recursion: the check must not be what overflows.
+    level = [document]
+    for _ in range(limit):
+        deeper = []
+        for value in level:
+            children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            deeper.extend(child for child in children if isinstance(child, (dict, list)))
+        if not deeper:
+            return False
+        level = deeper
+    return True
+
+
 class HttpMessage:
     """Headers and body of one request or response, plus what the chain changed on it.
 
@@ -103,10 +143,7 @@ class HttpMessage:
         if self._json is self._UNPARSED:
             if self.body is None:
                 raise BodyNotJSON("no body was received")
-            try:
-                self._json = json.loads(self.body)
-            except (ValueError, UnicodeDecodeError) as error:
-                raise BodyNotJSON(f"body is not valid JSON: {error}") from None
+            self._json = parse_json(self.body)
         return self._json
 
     def set_header(self, name: str, value: str) -> None:
@@ -292,10 +329,7 @@ class PluginData:
         if self._body is None:
             return self._target.json()
         if self._json is HttpMessage._UNPARSED:
-            try:
-                self._json = json.loads(self._body)
-            except ValueError as error:
-                raise BodyNotJSON(f"body is not valid JSON: {error}") from None
+            self._json = parse_json(self._body)
         return self._json
 
     def set_header(self, name: str, value: str) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from pluginchain import Reject, Stage
+from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
 from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain.schema import pydantic_issues
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
@@ -277,6 +277,38 @@ async def test_a_body_in_an_unreadable_encoding_is_refused_not_passed():
     reject = await rejection(banning("banned"), exchange)
 
     assert (reject.status, reject.code) == (415, "uninspectable_body")
+
+
+def nested_chat(content: str, depth: int) -> bytes:
+    """A chat request whose JSON nests ``depth`` levels deep (the top object is level 1)."""
+    filler = "[" * (depth - 1) + "]" * (depth - 1)
+    return ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "%s"}], "metadata": %s}' % (content, filler)).encode()
+
+
+async def test_a_prompt_nested_deeper_than_the_gateway_decodes_is_refused_not_read_as_text():
+    # As text, the escaped word would slip past the filter; the upstream may decode it all.
+    exchange = make_exchange(body=nested_chat("\\u0062anned", MAX_JSON_DEPTH + 1))
+
+    reject = await rejection(banning("banned"), exchange)
+
+    assert (reject.status, reject.code) == (400, "uninspectable_body")
+    assert f"deeper than {MAX_JSON_DEPTH} levels" in json.loads(reject.body)["error"]["message"]
+
+
+async def test_a_prompt_at_the_depth_limit_is_decoded_and_judged():
+    reject = await rejection(banning("banned"), make_exchange(body=nested_chat("\\u0062anned", MAX_JSON_DEPTH)))
+    assert reject.code == "content_filtered"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_completion_nested_too_deeply_fails_the_plugin_instead_of_passing(streamed):
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    body = f"data: {deep}\n\ndata: [DONE]\n\n".encode() if streamed else deep.encode()
+    headers = {"content-type": "text/event-stream" if streamed else "application/json"}
+    exchange = make_exchange(body=chat("hello"), response_headers=headers, response_body=body)
+
+    with pytest.raises(BodyTooDeep):
+        await run_plugin(banning("banned", stage=Stage.POST_REQUEST), exchange)
 
 
 # --- linear time ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from pluginchain import Reject
+from pluginchain import MAX_JSON_DEPTH, Reject
 from pluginchain.plugins.content_validator import ContentValidator
 from pluginchain.schema import pydantic_issues
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
@@ -54,6 +54,19 @@ async def test_a_body_over_max_body_bytes_is_413():
         413, "max_body_bytes",
         f"content_validator: max_body_bytes: body of {len(body)} bytes exceeds the limit of {len(body) - 1} bytes",
     )
+
+
+@pytest.mark.parametrize("require_json", [True, False])
+async def test_json_nested_deeper_than_the_gateway_decodes_is_refused_whatever_the_rules(require_json):
+    # Skipping the rules for it would hand the upstream, whose parser may go deeper, a request no rule checked.
+    deep = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    body = ('{"model": "not-allowed", "messages": [], "metadata": %s}' % deep).encode()
+
+    reject = await rejection(validator(require_json=require_json, allowed_models=["gpt-4o"]), body)
+
+    status, code, message = error_of(reject)
+    assert (status, code) == (400, "json_depth")
+    assert message == f"content_validator: json_depth: body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
 
 
 async def test_malformed_json_is_refused_by_default():

@@ -37,7 +37,18 @@ from typing import Annotated, Any, Literal, Sequence
 import re2
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from pluginchain.api import InstanceSettings, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain.api import (
+    BodyNotJSON,
+    BodyTooDeep,
+    InstanceSettings,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    PluginData,
+    Reject,
+    Stage,
+    parse_json,
+)
 from pluginchain.content_coding import UnreadableBody, deflate, inflate
 from pluginchain.plugins.llm_text import (
     EventStream,
@@ -166,11 +177,7 @@ class ContentFilter(Plugin):
         try:
             plain = inflate(body, encoding) if compressed else body
         except UnreadableBody as error:
-            if self.stage is Stage.PRE_REQUEST:
-                raise Reject(
-                    415, f"content_filter: {error}", code="uninspectable_body", type="invalid_request_error"
-                ) from None
-            raise  # an upstream response we cannot read fails the plugin; on_error decides
+            raise self._uninspectable(error, 415) from None
 
         # Only an upstream's stream is read as one: a client could label any request an event
         # stream to have it read line by line, while the upstream parses it as JSON.
@@ -178,8 +185,11 @@ class ContentFilter(Plugin):
             new_plain = self._filter_event_stream(plain)
         else:
             try:
-                document = json.loads(plain) if compressed else data.json()
-            except ValueError:  # BodyNotJSON included
+                document = parse_json(plain) if compressed else data.json()
+            except BodyTooDeep as error:
+                # Not text: the upstream may decode it, escapes and all.
+                raise self._uninspectable(error, 400) from None
+            except BodyNotJSON:
                 new_plain = self._filter_text(plain)
             else:
                 new_document = self._filter_document(document)
@@ -191,6 +201,13 @@ class ContentFilter(Plugin):
                 new_plain = _dump_json(new_document).encode()
         if new_plain is not None:
             data.set_body(deflate(new_plain, encoding) if compressed else new_plain)
+
+    def _uninspectable(self, error: ValueError, status: int) -> Exception:
+        """A body the filter cannot read is never let through unread: a prompt is refused with
+        ``status``; a response fails the plugin (``on_error`` decides)."""
+        if self.stage is Stage.PRE_REQUEST:
+            return Reject(status, f"content_filter: {error}", code="uninspectable_body", type="invalid_request_error")
+        return error
 
     def _filter_document(self, document: Any) -> Any | None:
         """The document with banned text redacted, or ``None`` when nothing is banned."""

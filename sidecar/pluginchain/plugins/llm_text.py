@@ -30,10 +30,11 @@ joined text.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
+
+from pluginchain.api import BodyNotJSON, BodyTooDeep, parse_json
 
 STRUCTURAL_KEYS = frozenset({
     "model", "role", "object", "id", "type", "finish_reason", "stop_reason", "status",
@@ -204,8 +205,10 @@ class EventStream:
 
 def _decode_payload(line: int, payload: str) -> SseData:
     try:
-        return SseData(line, payload, True, json.loads(payload))
-    except ValueError:
+        return SseData(line, payload, True, parse_json(payload))
+    except BodyTooDeep:
+        raise  # not text: whoever reads the stream may decode it
+    except BodyNotJSON:
         return SseData(line, payload, False)
 
 
