@@ -66,13 +66,18 @@ class DemoUpstream(BaseHTTPRequestHandler):
         if request.get("stream"):
             self._stream(text)
             return
+        prompt_tokens, completion_tokens = len(str(last).split()), len(text.split())  # words stand in for tokens
         completion = {
             "id": f"chatcmpl-demo-{int(time.time() * 1000)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", MODEL),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(str(last).split()), "completion_tokens": len(text.split()), "total_tokens": 0},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
         self._send(200, json.dumps(completion).encode())
 
