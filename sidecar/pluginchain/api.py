@@ -95,7 +95,9 @@ def parse_json(raw: bytes | str) -> Any:
         raise BodyTooDeep(too_deep) from None
     except ValueError as error:  # UnicodeDecodeError included
         raise BodyNotJSON(f"body is not valid JSON: {error}") from None
-    if _nests_deeper_than(document, MAX_JSON_DEPTH):
+    # Fewer brackets than the limit cannot nest deeper than it: the usual case costs two counts.
+    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
+    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nests_deeper_than(document, MAX_JSON_DEPTH):
         raise BodyTooDeep(too_deep)
     return document
 

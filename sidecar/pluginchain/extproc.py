@@ -243,7 +243,8 @@ def _chain_name(context: grpc.aio.ServicerContext) -> str:
 def _header_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
     headers: dict[str, str] = {}
     for header in header_map.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        raw = header.raw_value  # each access copies the bytes out of the message: once only
+        value = raw.decode("utf-8", "replace") if raw else header.value
         key = header.key
         # Repeated headers fold into one comma-separated value, as HTTP allows for most headers.
         headers[key] = f"{headers[key]}, {value}" if key in headers else value

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.e2e.harness import wait_until
 
@@ -100,8 +101,11 @@ def test_post_request_redacts_the_completion_and_keeps_content_length_right(gate
     assert "123-45-6789" in gw.upstream.received()[0]["body"]
 
 
-def test_a_client_accepting_brotli_still_gets_its_completion_checked(gateway):
-    gw = gateway(REDACT_SSN_IN_COMPLETIONS)
+@pytest.mark.parametrize("reads_prompt", [False, True], ids=["headers-phase", "body-phase"])
+def test_a_client_accepting_brotli_still_gets_its_completion_checked(gateway, reads_prompt):
+    # With a prompt to read, the narrowed header travels with Envoy's request body phase instead.
+    prompt_filter = "\n      - {name: content_filter, id: prompt_filter, config: {banned_patterns: [forbidden]}}"
+    gw = gateway(REDACT_SSN_IN_COMPLETIONS + (prompt_filter if reads_prompt else ""))
     response = gw.chat("my SSN is 123-45-6789", headers={"accept-encoding": "br, zstd, gzip;q=0.5"})
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "You said: my SSN is [REDACTED]"
