@@ -128,7 +128,10 @@ def render(settings: EnvoySettings) -> dict:
 
 def _router() -> dict:
     # A new dict each time: a shared one would be dumped as a YAML anchor and alias.
-    return {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
 
 
 def _http_filter_chain(connection_manager: dict) -> dict:

@@ -59,6 +59,7 @@ from pluginchain.plugins.llm_text import (
     text_fields,
 )
 
+
 def re2_options(case_sensitive: bool = True) -> re2.Options:
     options = re2.Options()
     options.log_errors = False  # a bad user pattern is a config error, not noise on stderr
