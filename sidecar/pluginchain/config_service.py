@@ -440,8 +440,7 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
         try:
             chains = validate_chain_set(chain_set, self._registry)
         except ConfigError as error:
-            logger.error("push of version %d refused, keeping version %d:\n%s", version, active.version, error.render())
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, _issue_lines(error.issues), "invalid") from None
+            raise _invalid_push(error, version, active.version) from None
         pushed_fingerprint = fingerprint(chains, _sources(chain_set))
         if version == active.version:
             if pushed_fingerprint == active.fingerprint:
@@ -454,8 +453,7 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
         try:
             plan = compile_plan(chains, self._registry)
         except ConfigError as error:
-            logger.error("push of version %d refused, keeping version %d:\n%s", version, active.version, error.render())
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, _issue_lines(error.issues), "invalid") from None
+            raise _invalid_push(error, version, active.version) from None
         saved = config_pb2.ChainSet()
         saved.CopyFrom(chain_set)
         if self._state_file is not None:
@@ -483,6 +481,11 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
 
     async def Get(self, request: config_pb2.GetRequest, context) -> config_pb2.GetResponse:
         return config_pb2.GetResponse(chain_set=self.active.chain_set, origin=self.active.origin)
+
+
+def _invalid_push(error: ConfigError, version: int, active_version: int) -> Refused:
+    logger.error("push of version %d refused, keeping version %d:\n%s", version, active_version, error.render())
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, _issue_lines(error.issues), "invalid")
 
 
 def _issue_lines(issues: list[ConfigIssue]) -> str:
