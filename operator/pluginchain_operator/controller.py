@@ -20,7 +20,6 @@ from typing import Any
 import kopf
 
 from pluginchain.registry import PluginRegistry
-from pluginchain.schema import validate_document
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
 from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply, chain_message
@@ -29,8 +28,7 @@ from pluginchain_operator.resources import (
     DEFAULT_CONFIG_PORT,
     LabelSelector,
     PluginChainSpec,
-    spec_document,
-    validate_spec,
+    check_spec,
 )
 
 logger = logging.getLogger("pluginchain.operator")
@@ -126,11 +124,11 @@ class Controller:
         record = self.chains.get((namespace, name)) or ChainRecord(namespace, name, meta.get("creationTimestamp", ""))
         record.generation = meta.get("generation")
         spec = body.get("spec") or {}
-        issues = validate_spec(spec, self.registry)
+        issues, chains = check_spec(spec, self.registry)
         record.errors = [str(issue) for issue in issues]
         if not issues:
             parsed = PluginChainSpec.model_validate(spec)
-            validated = validate_document(spec_document(spec), self.registry)[parsed.chain]
+            validated = chains[parsed.chain]
             record.chain = parsed.chain
             record.selector = parsed.selector
             record.message = chain_message(validated, record.source)

@@ -97,13 +97,20 @@ def spec_document(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[ConfigIssue]:
     """Every problem of a PluginChain spec, located under ``spec.``."""
+    return check_spec(spec, registry)[0]
+
+
+def check_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> tuple[list[ConfigIssue], dict[str, ValidatedChain]]:
+    """Every problem of a PluginChain spec, located under ``spec.``, and, when there is none,
+    its validated chain by name (validated once, for callers that go on to use it)."""
     issues: list[ConfigIssue] = []
     try:
         PluginChainSpec.model_validate(spec)
     except ValidationError as error:
         issues.extend(i for i in pydantic_issues(error, "spec") if not i.location.startswith("spec.plugins["))
+    chains: dict[str, ValidatedChain] = {}
     try:
-        validate_document(spec_document(spec), registry)
+        chains = validate_document(spec_document(spec), registry)
     except ConfigError as error:
         chain = spec.get("chain", "default")
         prefix = f"chains.{chain}"
@@ -112,10 +119,10 @@ def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[Con
             issues.append(ConfigIssue(location, issue.message))
     if not issues:
         try:
-            compile_plan(validate_document(spec_document(spec), registry), registry)
+            compile_plan(chains, registry)
         except ConfigError as error:
             issues.extend(error.issues)
-    return issues
+    return issues, (chains if not issues else {})
 
 
 def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[str, dict[str, ValidatedChain]] | None:
@@ -147,10 +154,10 @@ def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[st
         if not isinstance(spec, dict):
             issues.append(ConfigIssue(f"{label}: spec", "required object is missing"))
             continue
-        found = validate_spec(spec, registry)
+        found, validated = check_spec(spec, registry)
         issues.extend(ConfigIssue(f"{label}: {issue.location}", issue.message) for issue in found)
         if not found:
-            chains[label] = validate_document(spec_document(spec), registry)
+            chains[label] = validated
     if issues:
         raise ConfigError(issues, source)
     return chains
