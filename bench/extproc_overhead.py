@@ -32,11 +32,11 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from bare_processor import BareProcessor
-from pluginchain.engine import compile_plan
-from pluginchain.extproc import ExternalProcessor
-from pluginchain.plans import PlanHolder
-from pluginchain.registry import default_registry
-from pluginchain.schema import load_file
+from pluginchain._engine.plan import compile_plan
+from pluginchain._sidecar.extproc import ExternalProcessor
+from pluginchain._sidecar.plans import PlanHolder
+from pluginchain._config.registry import default_registry
+from pluginchain._config.schema import load_file
 from run_bench import API_KEY, PATH, chat_body
 
 

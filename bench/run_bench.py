@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pluginchain.envoy_config import EXT_PROC_FILTER, EnvoySettings, render
-from pluginchain.gateway import envoy_binary
+from pluginchain._sidecar.envoy_config import EXT_PROC_FILTER, EnvoySettings, render
+from pluginchain._sidecar.gateway import envoy_binary
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from pluginchain.registry import PluginRegistry
+from pluginchain._config.registry import PluginRegistry
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
 from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply, chain_message

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 
-from pluginchain.config_service import chain_message as wire_chain
-from pluginchain.schema import ValidatedChain
+from pluginchain._sidecar.config_service import chain_message as wire_chain
+from pluginchain._config.schema import ValidatedChain
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 
 _STAGE_ORDER = {"pre_request": 0, "post_request": 1, "error": 2}

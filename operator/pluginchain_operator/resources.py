@@ -9,9 +9,9 @@ import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pluginchain.engine import compile_plan
-from pluginchain.registry import PluginRegistry
-from pluginchain.schema import (
+from pluginchain._engine.plan import compile_plan
+from pluginchain._config.registry import PluginRegistry
+from pluginchain._config.schema import (
     CHAIN_NAME,
     DEFAULT_CHAIN,
     ConfigError,

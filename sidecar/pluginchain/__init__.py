@@ -3,7 +3,7 @@
 The stable import path for plugin authors: everything a plugin needs is importable from here.
 """
 
-from pluginchain.api import (
+from pluginchain._api.plugin import (
     BodyNeeds,
     BodyNotJSON,
     BodyTooDeep,
@@ -20,7 +20,7 @@ from pluginchain.api import (
     Stage,
     parse_json,
 )
-from pluginchain.durations import Duration
+from pluginchain._api.durations import Duration
 
 __all__ = [
     "BodyNeeds",

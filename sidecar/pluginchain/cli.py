@@ -10,16 +10,16 @@ from pathlib import Path
 
 import yaml
 
-from pluginchain import logs
-from pluginchain.durations import format_duration
-from pluginchain.engine import Plan, compile_plan
-from pluginchain.envoy_config import EnvoySettings
-from pluginchain.envoy_config import render as render_envoy
-from pluginchain.extproc import Limits
-from pluginchain.gateway import run_gateway
-from pluginchain.registry import PluginRegistrationError, PluginRegistry, default_registry
-from pluginchain.schema import ConfigError, load_file
-from pluginchain.server import Sidecar, SidecarSettings, run_until_signalled
+from pluginchain import _logs as logs
+from pluginchain._api.durations import format_duration
+from pluginchain._engine.plan import Plan, compile_plan
+from pluginchain._sidecar.envoy_config import EnvoySettings
+from pluginchain._sidecar.envoy_config import render as render_envoy
+from pluginchain._sidecar.extproc import Limits
+from pluginchain._sidecar.gateway import run_gateway
+from pluginchain._config.registry import PluginRegistrationError, PluginRegistry, default_registry
+from pluginchain._config.schema import ConfigError, load_file
+from pluginchain._sidecar.server import Sidecar, SidecarSettings, run_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Mapping
 
-from pluginchain.api import (
+from pluginchain._api.plugin import (
     Exchange,
     Failure,
     HttpMessage,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pluginchain.engine import compile_plan
-from pluginchain.registry import default_registry
-from pluginchain.schema import ConfigError, load_file, parse_text, validate_document
+from pluginchain._engine.plan import compile_plan
+from pluginchain._config.registry import default_registry
+from pluginchain._config.schema import ConfigError, load_file, parse_text, validate_document
 
-from tests.engine.scripted import scripted_registry
+from tests.support.scripted import scripted_registry
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

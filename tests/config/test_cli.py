@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pluginchain.cli import main
-from pluginchain.envoy_config import EnvoySettings
-from pluginchain.envoy_config import render as render_envoy
+from pluginchain._sidecar.envoy_config import EnvoySettings
+from pluginchain._sidecar.envoy_config import render as render_envoy
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

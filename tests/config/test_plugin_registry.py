@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pluginchain import Plugin, PluginConfig
-from pluginchain.registry import PluginRegistrationError, PluginRegistry, default_registry
+from pluginchain._config.registry import PluginRegistrationError, PluginRegistry, default_registry
 
 CLI = str(Path(sys.executable).parent / "pluginchain")
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.e2e.harness import Gateway, start_upstream
+from tests.support.harness import Gateway, start_upstream
 
 
 @pytest.fixture

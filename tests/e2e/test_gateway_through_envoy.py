@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.harness import wait_until
+from tests.support.harness import wait_until
 
-PLUGINS = ("tests/e2e/custom_plugins.py",)
+PLUGINS = ("tests/support/custom_plugins.py",)
 
 STAMP_AND_FILTER = """
     plugins:

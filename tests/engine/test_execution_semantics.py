@@ -7,10 +7,10 @@ import time
 import pytest
 
 from pluginchain import Exchange, HttpMessage, Stage
-from pluginchain.engine import compile_plan
-from pluginchain.schema import validate_document
+from pluginchain._engine.plan import compile_plan
+from pluginchain._config.schema import validate_document
 
-from tests.engine.scripted import scripted_registry
+from tests.support.scripted import scripted_registry
 
 
 def chain_of(*entries: dict):
@@ -209,7 +209,7 @@ def test_disabled_plugins_are_validated_but_never_run():
 
 
 async def test_members_that_never_suspend_keep_the_parallel_semantics():
-    from tests.engine.scripted import Scripted
+    from tests.support.scripted import Scripted
 
     Scripted.suspends = False
     try:

@@ -22,7 +22,7 @@ import helm_python as helm
 from helm_python import _native
 
 from tests.helm.chart import CHART, NAMESPACE, RELEASE
-from tests.operator.cluster import Cluster
+from tests.support.cluster import Cluster
 
 # Options helm-python-sdk 0.2.2's Config.install/upgrade do not expose, passed to the same native
 # calls: kmock serves no OpenAPI document to validate against, no server-side apply, and never

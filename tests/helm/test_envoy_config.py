@@ -1,5 +1,5 @@
 """The gateway pod's Envoy runs the configuration the local gateway runs: the chart's ConfigMap is,
-object for object, what ``pluginchain.envoy_config.render`` makes of the same settings, and the
+object for object, what ``pluginchain._sidecar.envoy_config.render`` makes of the same settings, and the
 real Envoy accepts it (``envoy --mode validate``)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import yaml
 
-from pluginchain.envoy_config import EnvoySettings
-from pluginchain.envoy_config import render as render_envoy
-from pluginchain.gateway import envoy_binary
+from pluginchain._sidecar.envoy_config import EnvoySettings
+from pluginchain._sidecar.envoy_config import render as render_envoy
+from pluginchain._sidecar.gateway import envoy_binary
 from tests.helm.chart import REALISTIC, ROOT, render
 
 # Chart values, and the settings the local gateway would be given for the same gateway. In a pod,

@@ -8,7 +8,7 @@ import json5
 import jsonschema
 import yaml
 
-from pluginchain.registry import default_registry
+from pluginchain._config.registry import default_registry
 from pluginchain_operator.resources import validate_spec
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import GROUP, KIND, VERSION, LabelSelector

@@ -20,12 +20,12 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pluginchain.gateway import envoy_binary
-from pluginchain.registry import default_registry
-from pluginchain.schema import validate_document
+from pluginchain._sidecar.gateway import envoy_binary
+from pluginchain._config.registry import default_registry
+from pluginchain._config.schema import validate_document
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.pushing import PushCredentials, apply, chain_message
-from tests.e2e.harness import BIN, Process, free_port, start_upstream, wait_until
+from tests.support.harness import BIN, Process, free_port, start_upstream, wait_until
 from tests.helm.chart import container_port, render
 
 POD_IP = "127.0.0.2"

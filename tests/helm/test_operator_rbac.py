@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION
-from tests.e2e.harness import BIN, Process, free_port, wait_until
+from tests.support.harness import BIN, Process, free_port, wait_until
 from tests.helm.chart import container, render
 from tests.helm.kube import FullCluster
-from tests.operator.cluster import RecordedRequest
-from tests.operator.sidecars import ready_condition
+from tests.support.cluster import RecordedRequest
+from tests.support.sidecars import ready_condition
 
 # Non-resource URLs every authenticated client may read (the built-in system:discovery and
 # system:public-info-viewer ClusterRoles): API discovery and the server version.

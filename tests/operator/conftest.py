@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import BIN, Process, wait_until
-from tests.operator.cluster import Cluster
-from tests.operator.sidecars import TOKEN, Sidecar
+from tests.support.harness import BIN, Process, wait_until
+from tests.support.cluster import Cluster
+from tests.support.sidecars import TOKEN, Sidecar
 
 _namespaces = itertools.count(1)
 

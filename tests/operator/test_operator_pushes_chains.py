@@ -7,8 +7,8 @@ import grpc
 import pytest
 
 from pluginchain.v1 import config_pb2, config_pb2_grpc
-from tests.e2e.harness import Gateway, start_upstream, wait_until
-from tests.operator.sidecars import TOKEN, add_pods, ready_condition
+from tests.support.harness import Gateway, start_upstream, wait_until
+from tests.support.sidecars import TOKEN, add_pods, ready_condition
 
 LABELS = {"app": "llm-gateway"}
 FILTER = [{"name": "content_filter", "config": {"banned_patterns": ["forbidden"]}}]

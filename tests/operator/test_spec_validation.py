@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pluginchain.registry import default_registry
+from pluginchain._config.registry import default_registry
 from pluginchain_operator.resources import validate_spec
 from pluginchain_operator.resources import LabelSelector
 

@@ -1,5 +1,5 @@
 """Fixtures of the plugin tests: a real valkey-server for the distributed rate limiter."""
 
-from tests.plugins.valkey_server import valkey_url
+from tests.support.valkey import valkey_url
 
 __all__ = ["valkey_url"]

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from pluginchain import PluginData, Reject
 from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
-from tests.plugins.valkey_server import free_port
+from tests.support.harness import free_port
 
 BACKENDS = ["memory", "redis"]
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
-from pathlib import Path
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
-from pluginchain.server import Sidecar, SidecarSettings
+from pluginchain._sidecar.server import Sidecar, SidecarSettings
+from tests.support.extproc import PLUGINS, request_headers
 
 Mode = processing_mode_pb2.ProcessingMode
-PLUGINS = (str(Path(__file__).parents[1] / "e2e" / "custom_plugins.py"),)
 
 
 @pytest.fixture
@@ -41,14 +39,6 @@ async def start_sidecar(tmp_path):
         await channel.close()
     for sidecar in sidecars:
         await sidecar.drain()
-
-
-def request_headers(end_of_stream: bool = False, **headers: str) -> pb.ProcessingRequest:
-    header_map = base_pb2.HeaderMap(headers=[
-        base_pb2.HeaderValue(key=key.replace("_", "-"), raw_value=value.encode())
-        for key, value in {":method": "POST", ":path": "/v1/chat/completions", **headers}.items()
-    ])
-    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map, end_of_stream=end_of_stream))
 
 
 async def exchange(stub, *requests: pb.ProcessingRequest, metadata=()) -> list[pb.ProcessingResponse]:

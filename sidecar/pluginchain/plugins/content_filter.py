@@ -7,7 +7,7 @@ text whatever the pattern (no ReDoS), compiled once per plan into one alternatio
 What is matched is the text the model sees, not the bytes on the wire:
 
 - a JSON body is decoded first, so ``"\\u0062anned"`` is ``banned``; its text fields are those
-  :mod:`pluginchain.plugins.llm_text` names (every string but identifiers, enumerations and
+  :mod:`pluginchain.plugins._llm_text` names (every string but identifiers, enumerations and
   base64 payloads);
 - each text is brought to a canonical form first: Unicode NFKC (full-width ``ｂａｎｎｅｄ`` and
   other compatibility characters become ``banned``), Unicode tag characters (invisible "ASCII
@@ -19,7 +19,7 @@ What is matched is the text the model sees, not the bytes on the wire:
 - an event-stream response is read ``data:`` event by ``data:`` event (``[DONE]`` skipped);
 - a gzip or deflate body is inflated first (and deflated again after redaction); a body in
   another content-encoding cannot be inspected and is never let through unread (the sidecar asks
-  upstreams for readable codings only, see :mod:`pluginchain.content_coding`);
+  upstreams for readable codings only, see :mod:`pluginchain.plugins._content_coding`);
 - any other body is matched as UTF-8 text (undecodable bytes read as U+FFFD).
 
 ``action: reject`` answers ``status_code`` with an OpenAI-style error, code ``content_filtered``,
@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal, Sequence
 import re2
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from pluginchain.api import (
+from pluginchain._api.plugin import (
     BodyNotJSON,
     BodyTooDeep,
     InstanceSettings,
@@ -49,8 +49,8 @@ from pluginchain.api import (
     Stage,
     parse_json,
 )
-from pluginchain.content_coding import UnreadableBody, deflate, inflate
-from pluginchain.plugins.llm_text import (
+from pluginchain.plugins._content_coding import UnreadableBody, deflate, inflate
+from pluginchain.plugins._llm_text import (
     EventStream,
     Group,
     TextField,

@@ -10,9 +10,9 @@ fails answers; they are checked cheapest first: ``max_body_bytes``, ``require_js
 A request without a body (``GET /v1/models``) has no content to validate: only
 ``max_body_bytes`` applies to it. With ``require_json: false`` a body that is not a JSON object
 passes the rules that read JSON (they have nothing to read); an LLM API refuses it anyway.
-JSON nested deeper than :data:`pluginchain.api.MAX_JSON_DEPTH` is refused whatever the rules
+JSON nested deeper than :data:`pluginchain._api.plugin.MAX_JSON_DEPTH` is refused whatever the rules
 (code ``json_depth``): an upstream whose parser goes deeper would take it with no rule checked.
-Messages and characters are counted as :mod:`pluginchain.plugins.llm_text` defines them, so
+Messages and characters are counted as :mod:`pluginchain.plugins._llm_text` defines them, so
 the validator and ``content_filter`` agree on what the conversation is.
 """
 
@@ -22,8 +22,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from pluginchain.api import BodyNotJSON, BodyTooDeep, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
-from pluginchain.plugins.llm_text import conversation_chars, message_count
+from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain.plugins._llm_text import conversation_chars, message_count
 
 _ECHO_LIMIT = 100
 """Longest piece of client input quoted back in an error message, in characters."""

@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 from pydantic import field_validator
 
-from pluginchain.api import (
+from pluginchain._api.plugin import (
     BodyNeeds,
     BodyNotJSON,
     InstanceSettings,
@@ -56,7 +56,7 @@ from pluginchain.api import (
     Reject,
     Stage,
 )
-from pluginchain.durations import Duration
+from pluginchain._api.durations import Duration
 
 DEFAULT_URL = "http://127.0.0.1:8090/validate"
 

@@ -38,7 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from pluginchain.api import (
+from pluginchain._api.plugin import (
     InstanceSettings,
     Plugin,
     PluginConfig,
@@ -47,7 +47,7 @@ from pluginchain.api import (
     Reject,
     Stage,
 )
-from pluginchain.durations import Duration, format_duration
+from pluginchain._api.durations import Duration, format_duration
 
 BACKEND_ERRORS = Counter(
     "pluginchain_rate_limiter_backend_errors",

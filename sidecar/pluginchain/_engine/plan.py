@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from pluginchain import metrics
-from pluginchain.api import (
+from pluginchain import _metrics as metrics
+from pluginchain._api.plugin import (
     BodyNeeds,
     Exchange,
     Failure,
@@ -33,8 +33,8 @@ from pluginchain.api import (
     Reject,
     Stage,
 )
-from pluginchain.schema import ConfigError, ConfigIssue, ValidatedChain
-from pluginchain.registry import PluginRegistry
+from pluginchain._config.schema import ConfigError, ConfigIssue, ValidatedChain
+from pluginchain._config.registry import PluginRegistry
 
 logger = logging.getLogger("pluginchain.engine")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from pluginchain.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
+from pluginchain._sidecar.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
 
 SIDECAR_CLUSTER = "pluginchain_sidecar"
 UPSTREAM_CLUSTER = "llm_upstream"

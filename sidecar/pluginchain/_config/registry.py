@@ -18,7 +18,7 @@ from typing import Iterable
 
 from pydantic import BaseModel
 
-from pluginchain.api import Plugin, Stage
+from pluginchain._api.plugin import Plugin, Stage
 
 ENTRY_POINT_GROUP = "pluginchain.plugins"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

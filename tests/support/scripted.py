@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from pluginchain import Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
-from pluginchain.registry import PluginRegistry
+from pluginchain._config.registry import PluginRegistry
 
 
 class ScriptedConfig(PluginConfig):

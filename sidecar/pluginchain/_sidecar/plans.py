@@ -17,9 +17,9 @@ from typing import Iterator
 
 from prometheus_client import Counter, Gauge
 
-from pluginchain.engine import Plan, compile_plan
-from pluginchain.registry import PluginRegistry
-from pluginchain.schema import ConfigError, load_file
+from pluginchain._engine.plan import Plan, compile_plan
+from pluginchain._config.registry import PluginRegistry
+from pluginchain._config.schema import ConfigError, load_file
 
 logger = logging.getLogger("pluginchain.reload")
 

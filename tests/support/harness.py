@@ -17,8 +17,8 @@ import httpx
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pluginchain.envoy_config import EnvoySettings, render
-from pluginchain.gateway import envoy_binary
+from pluginchain._sidecar.envoy_config import EnvoySettings, render
+from pluginchain._sidecar.gateway import envoy_binary
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent

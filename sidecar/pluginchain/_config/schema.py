@@ -16,9 +16,9 @@ import json5
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pluginchain.api import OnError, PluginConfig, Stage
-from pluginchain.durations import Duration
-from pluginchain.registry import PluginRegistry
+from pluginchain._api.plugin import OnError, PluginConfig, Stage
+from pluginchain._api.durations import Duration
+from pluginchain._config.registry import PluginRegistry
 
 DEFAULT_CHAIN = "default"
 CHAIN_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")

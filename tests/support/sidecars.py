@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 
 from pluginchain.v1 import config_pb2, config_pb2_grpc
-from tests.e2e.harness import BIN, Process, free_port, sidecar_serving, wait_until
-from tests.operator.cluster import Cluster
+from tests.support.harness import BIN, Process, free_port, sidecar_serving, wait_until
+from tests.support.cluster import Cluster
 
 TOKEN = "test-push-token-0123456789"
 

@@ -19,11 +19,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import Counter
 
-from pluginchain.api import Exchange, Failure, HttpMessage, Reject, Stage
-from pluginchain.content_coding import readable_accept_encoding
-from pluginchain.engine import CompiledChain
-from pluginchain.plans import PlanHolder
-from pluginchain.schema import DEFAULT_CHAIN
+from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stage
+from pluginchain.plugins._content_coding import readable_accept_encoding
+from pluginchain._engine.plan import CompiledChain
+from pluginchain._sidecar.plans import PlanHolder
+from pluginchain._config.schema import DEFAULT_CHAIN
 
 logger = logging.getLogger("pluginchain.extproc")
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from pluginchain.api import BodyNotJSON, BodyTooDeep, parse_json
+from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, parse_json
 
 STRUCTURAL_KEYS = frozenset({
     "model", "role", "object", "id", "type", "finish_reason", "stop_reason", "status",

@@ -29,10 +29,10 @@ import grpc
 from google.protobuf import json_format
 from prometheus_client import Counter
 
-from pluginchain.engine import Plan, compile_plan
-from pluginchain.plans import PlanHolder
-from pluginchain.registry import PluginRegistry
-from pluginchain.schema import (
+from pluginchain._engine.plan import Plan, compile_plan
+from pluginchain._sidecar.plans import PlanHolder
+from pluginchain._config.registry import PluginRegistry
+from pluginchain._config.schema import (
     ConfigError,
     ConfigIssue,
     ValidatedChain,
