@@ -36,7 +36,7 @@ from pluginchain._engine.plan import compile_plan
 from pluginchain._sidecar.extproc import ExternalProcessor
 from pluginchain._sidecar.plans import PlanHolder
 from pluginchain._config.registry import default_registry
-from pluginchain._config.schema import load_file
+from pluginchain._config.files import load_file
 from run_bench import API_KEY, PATH, chat_body
 
 

@@ -20,14 +20,14 @@ from typing import Any
 import kopf
 
 from pluginchain._config.registry import PluginRegistry
+from pluginchain._config.wire import chain_to_wire
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
-from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply, chain_message
+from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply
 from pluginchain_operator.resources import (
     CONFIG_PORT_ANNOTATION,
     DEFAULT_CONFIG_PORT,
     LabelSelector,
-    PluginChainSpec,
     check_spec,
 )
 
@@ -124,14 +124,13 @@ class Controller:
         record = self.chains.get((namespace, name)) or ChainRecord(namespace, name, meta.get("creationTimestamp", ""))
         record.generation = meta.get("generation")
         spec = body.get("spec") or {}
-        issues, chains = check_spec(spec, self.registry)
+        issues, checked = check_spec(spec, self.registry)
         record.errors = [str(issue) for issue in issues]
-        if not issues:
-            parsed = PluginChainSpec.model_validate(spec)
-            validated = chains[parsed.chain]
-            record.chain = parsed.chain
-            record.selector = parsed.selector
-            record.message = chain_message(validated, record.source)
+        if checked is not None:
+            validated = checked.chain
+            record.chain = checked.spec.chain
+            record.selector = checked.spec.selector
+            record.message = chain_to_wire(validated, record.source)
             record.digest = hashlib.sha256(record.message.SerializeToString(deterministic=True)).hexdigest()
             record.plugin_count = sum(1 for p in validated.plugins if p.entry.enabled)
         self.chains[record.key] = record

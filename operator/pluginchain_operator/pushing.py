@@ -7,11 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from pluginchain._sidecar.config_service import chain_message as wire_chain
-from pluginchain._config.schema import ValidatedChain
 from pluginchain.v1 import config_pb2, config_pb2_grpc
-
-_STAGE_ORDER = {"pre_request": 0, "post_request": 1, "error": 2}
 
 
 @dataclass(frozen=True)
@@ -43,16 +39,6 @@ class PushCredentials:
 
 class PushError(Exception):
     """A push that did not apply; the message says why, for the PluginChain status."""
-
-
-def chain_message(chain: ValidatedChain, source: str) -> config_pb2.Chain:
-    """One validated chain as the wire message, entries in plan order (stage, priority,
-    sequential before parallel, then declaration order, which the sidecar keeps)."""
-    ordered = sorted(
-        enumerate(chain.plugins),
-        key=lambda item: (_STAGE_ORDER[item[1].entry.stage], item[1].entry.priority, item[1].entry.parallel, item[0]),
-    )
-    return wire_chain(ValidatedChain(chain.name, tuple(plugin for _, plugin in ordered)), source)
 
 
 async def apply(target: str, chain_set: config_pb2.ChainSet, credentials: PushCredentials, timeout: float) -> config_pb2.ApplyResponse:

@@ -7,20 +7,15 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pluginchain._engine.plan import compile_plan
 from pluginchain._config.registry import PluginRegistry
-from pluginchain._config.schema import (
-    CHAIN_NAME,
-    DEFAULT_CHAIN,
-    ConfigError,
-    ConfigIssue,
-    PluginEntry,
-    ValidatedChain,
-    pydantic_issues,
-    validate_document,
-)
+from pluginchain._config.issues import ConfigError, ConfigIssue, Path, pydantic_issues
+from pluginchain._config.models import CHAIN_NAME, DEFAULT_CHAIN, PluginEntry, ValidatedChain
+from pluginchain._config.validation import validate_chain
 
 GROUP = "pluginchain.io"
 VERSION = "v1alpha1"
@@ -90,39 +85,41 @@ class PluginChainSpec(BaseModel):
     """The plugin entries, as in a chain file."""
 
 
-def spec_document(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec as a chain document the shared schema validates: ``{"chains": {chain: plugins}}``."""
-    return {"chains": {spec.get("chain", DEFAULT_CHAIN): spec.get("plugins")}}
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A PluginChain spec without a problem: the spec, and its chain validated and built once."""
+
+    spec: PluginChainSpec
+    chain: ValidatedChain
 
 
-def validate_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> list[ConfigIssue]:
-    """Every problem of a PluginChain spec, located under ``spec.``."""
-    return check_spec(spec, registry)[0]
-
-
-def check_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> tuple[list[ConfigIssue], dict[str, ValidatedChain]]:
-    """Every problem of a PluginChain spec, located under ``spec.``, and, when there is none,
-    its validated chain by name (validated once, for callers that go on to use it)."""
+def check_spec(spec: Mapping[str, Any], registry: PluginRegistry) -> tuple[list[ConfigIssue], CheckedSpec | None]:
+    """Every problem of a PluginChain spec, located under ``spec.``, and, when there is none, the
+    checked spec. Plugin entries are validated as in a chain file, then built, so a plugin that
+    cannot be built is reported at its entry too."""
     issues: list[ConfigIssue] = []
+    parsed: PluginChainSpec | None = None
     try:
-        PluginChainSpec.model_validate(spec)
+        parsed = PluginChainSpec.model_validate(spec)
     except ValidationError as error:
-        issues.extend(i for i in pydantic_issues(error, "spec") if not i.location.startswith("spec.plugins["))
-    chains: dict[str, ValidatedChain] = {}
+        # Inside an entry, validate_chain below says it all, the plugin's own config included.
+        issues += [issue for issue in pydantic_issues(error, ("spec",)) if not _inside_an_entry(issue.path)]
+    entries = spec.get("plugins")
+    if not isinstance(entries, list):
+        return issues, None  # the spec model said what is wrong with it
+    chain, found = validate_chain(str(spec.get("chain", DEFAULT_CHAIN)), entries, registry, ("spec", "plugins"))
+    issues += found
+    if issues or parsed is None:
+        return issues, None
     try:
-        chains = validate_document(spec_document(spec), registry)
+        compile_plan({chain.name: chain}, registry)
     except ConfigError as error:
-        chain = spec.get("chain", "default")
-        prefix = f"chains.{chain}"
-        for issue in error.issues:
-            location = issue.location.replace(prefix, "spec.plugins", 1) if issue.location.startswith(prefix) else issue.location
-            issues.append(ConfigIssue(location, issue.message))
-    if not issues:
-        try:
-            compile_plan(chains, registry)
-        except ConfigError as error:
-            issues.extend(error.issues)
-    return issues, (chains if not issues else {})
+        return error.issues, None
+    return [], CheckedSpec(parsed, chain)
+
+
+def _inside_an_entry(path: Path) -> bool:
+    return len(path) > 2 and path[:2] == ("spec", "plugins")
 
 
 def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[str, dict[str, ValidatedChain]] | None:
@@ -149,15 +146,16 @@ def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[st
         name = f"{metadata['namespace']}/{metadata.get('name', '?')}" if metadata.get("namespace") else metadata.get("name", "?")
         label = f"{KIND} {name}"
         if resource.get("apiVersion") != f"{GROUP}/{VERSION}":
-            issues.append(ConfigIssue(f"{label}: apiVersion", f"expected {GROUP}/{VERSION}, got {resource.get('apiVersion')!r}"))
+            problem = f"expected {GROUP}/{VERSION}, got {resource.get('apiVersion')!r}"
+            issues.append(ConfigIssue(("apiVersion",), problem, resource=label))
         spec = resource.get("spec")
         if not isinstance(spec, dict):
-            issues.append(ConfigIssue(f"{label}: spec", "required object is missing"))
+            issues.append(ConfigIssue(("spec",), "required object is missing", resource=label))
             continue
-        found, validated = check_spec(spec, registry)
-        issues.extend(ConfigIssue(f"{label}: {issue.location}", issue.message) for issue in found)
-        if not found:
-            chains[label] = validated
+        found, checked = check_spec(spec, registry)
+        issues += [issue.in_resource(label) for issue in found]
+        if checked is not None:
+            chains[label] = {checked.chain.name: checked.chain}
     if issues:
         raise ConfigError(issues, source)
     return chains

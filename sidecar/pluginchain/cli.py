@@ -18,7 +18,8 @@ from pluginchain._sidecar.envoy_config import render as render_envoy
 from pluginchain._sidecar.extproc import Limits
 from pluginchain._sidecar.gateway import run_gateway
 from pluginchain._config.registry import PluginRegistrationError, PluginRegistry, default_registry
-from pluginchain._config.schema import ConfigError, load_file
+from pluginchain._config.files import load_file
+from pluginchain._config.issues import ConfigError
 from pluginchain._sidecar.server import Sidecar, SidecarSettings, run_until_signalled
 
 

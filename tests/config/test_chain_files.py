@@ -8,7 +8,9 @@ import pytest
 
 from pluginchain._engine.plan import compile_plan
 from pluginchain._config.registry import default_registry
-from pluginchain._config.schema import ConfigError, load_file, parse_text, validate_document
+from pluginchain._config.files import load_file, parse_text
+from pluginchain._config.issues import ConfigError
+from pluginchain._config.validation import validate_document
 
 from tests.support.scripted import scripted_registry
 
@@ -96,7 +98,7 @@ def test_stage_and_parallel_must_suit_the_plugin_class(registry):
         registry,
     )
     assert errors[0] == "[0] (rate_limiter).stage: rate_limiter cannot run in post_request; it supports: pre_request"
-    assert errors[1] == "[1] (rate_limiter).parallel: rate_limiter does not support parallel execution"
+    assert errors[1] == "[1] (second).parallel: rate_limiter does not support parallel execution"
 
 
 def test_duplicate_ids_need_an_explicit_id():

@@ -8,7 +8,7 @@ import pytest
 
 from pluginchain import Exchange, HttpMessage, Stage
 from pluginchain._engine.plan import compile_plan
-from pluginchain._config.schema import validate_document
+from pluginchain._config.validation import validate_document
 
 from tests.support.scripted import scripted_registry
 

@@ -9,7 +9,7 @@ import jsonschema
 import yaml
 
 from pluginchain._config.registry import default_registry
-from pluginchain_operator.resources import validate_spec
+from pluginchain_operator.resources import check_spec
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import GROUP, KIND, VERSION, LabelSelector
 from tests.helm.chart import ROOT, render
@@ -42,7 +42,7 @@ def test_the_operator_and_the_crd_accept_both():
     schema = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for name, resource in _resources().items():
         assert (resource["apiVersion"], resource["kind"]) == (f"{GROUP}/{VERSION}", KIND)
-        assert validate_spec(resource["spec"], registry) == [], name
+        assert check_spec(resource["spec"], registry)[0] == [], name
         jsonschema.validate(resource, schema)
 
 

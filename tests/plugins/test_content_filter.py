@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
 from pluginchain.plugins.content_filter import ContentFilter
-from pluginchain._config.schema import pydantic_issues
+from pluginchain._config.issues import pydantic_issues
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
 
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from pluginchain import MAX_JSON_DEPTH, Reject
 from pluginchain.plugins.content_validator import ContentValidator
-from pluginchain._config.schema import pydantic_issues
+from pluginchain._config.issues import pydantic_issues
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
 
 

@@ -251,12 +251,12 @@ async def test_an_invalid_chain_set_is_refused_with_every_error_and_the_old_plan
     lines = error.details().splitlines()
     expected = [
         "chains[1].name: duplicate chain name 'default' (also chains[0])",
-        "chains.default[3] (content_filter).config_json: not valid JSON",
+        "chains.default[3] (second).config_json: not valid JSON",
         "chains.default[0] (content_filter).config.banned_patterns[0]: not a valid RE2 pattern: missing )",
         "chains.default[1] (rate_limiter).parallel: rate_limiter does not support parallel execution",
         "chains.default[2] (nope).name: unknown plugin 'nope'",
         "chains.Bad Name: chain name 'Bad Name' must be",
-        "chains.default[4] (stamp).timeout_seconds: must be a finite number of seconds, got nan",
+        "chains.default[4] (never).timeout_seconds: must be a finite number of seconds, got nan",
     ]
     for start in expected:
         assert any(line.startswith(start) for line in lines), (start, lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pluginchain import Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain import InstanceSettings, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
 from pluginchain._config.registry import PluginRegistry
 
 
@@ -21,6 +21,8 @@ class ScriptedConfig(PluginConfig):
     reads_body: bool = False
     remember_error: bool = False
     """In the error stage: record the failure seen in the events."""
+    refuse_to_build: str | None = None
+    """Raise ValueError with this message from the constructor (a plugin that cannot be built)."""
 
 
 class Scripted(Plugin):
@@ -28,6 +30,11 @@ class Scripted(Plugin):
     Config = ScriptedConfig
     stages = frozenset(Stage)
     supports_parallel = True
+
+    def __init__(self, config: ScriptedConfig, settings: InstanceSettings):
+        if config.refuse_to_build:
+            raise ValueError(config.refuse_to_build)
+        super().__init__(config, settings)
 
     def body_needs(self):
         from pluginchain import BodyNeeds

@@ -33,7 +33,8 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
-from pluginchain._config.schema import ConfigError, ConfigIssue, ValidatedChain
+from pluginchain._config.issues import ConfigError, ConfigIssue
+from pluginchain._config.models import ValidatedChain
 from pluginchain._config.registry import PluginRegistry
 
 logger = logging.getLogger("pluginchain.engine")
@@ -345,7 +346,7 @@ def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry)
             try:
                 plugin = plugin_class(validated.config, settings)
             except Exception as error:
-                issues.append(ConfigIssue(validated.location, f"cannot build plugin: {error}"))
+                issues.append(ConfigIssue(validated.path, f"cannot build plugin: {error}"))
                 continue
             plugins.append(plugin)
         compiled[chain.name] = CompiledChain(chain.name, plugins)

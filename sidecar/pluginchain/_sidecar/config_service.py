@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import json
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,12 +31,9 @@ from prometheus_client import Counter
 from pluginchain._engine.plan import Plan, compile_plan
 from pluginchain._sidecar.plans import PlanHolder
 from pluginchain._config.registry import PluginRegistry
-from pluginchain._config.schema import (
-    ConfigError,
-    ConfigIssue,
-    ValidatedChain,
-    validate_document,
-)
+from pluginchain._config.issues import ConfigError, ConfigIssue
+from pluginchain._config.models import ValidatedChain
+from pluginchain._config.wire import chain_to_wire, validate_chain_set, wire_sources
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.config")
@@ -208,95 +204,8 @@ class ActiveConfig:
     @classmethod
     def from_file(cls, chains: Mapping[str, ValidatedChain], path: Path) -> ActiveConfig:
         source = f"file {path}"
-        chain_set = config_pb2.ChainSet(version=0, chains=[chain_message(chain, source) for chain in chains.values()])
+        chain_set = config_pb2.ChainSet(version=0, chains=[chain_to_wire(chain, source) for chain in chains.values()])
         return cls(chain_set, "config-file", fingerprint(chains, {name: source for name in chains}))
-
-
-def validate_chain_set(chain_set: config_pb2.ChainSet, registry: PluginRegistry) -> dict[str, ValidatedChain]:
-    """Validate a pushed chain set with the chain-file models; raise ConfigError with every issue.
-
-    Issues are located as ``chains.NAME[INDEX] (PLUGIN).field``, like a chain file's ``chains:``
-    form. A chain set without chains is valid: it runs nothing (every request gets 500).
-    """
-    issues: list[ConfigIssue] = []
-    document: dict[str, list[dict[str, Any]]] = {}
-    bad_configs: list[str] = []
-    seen: dict[str, int] = {}
-    for chain_index, chain in enumerate(chain_set.chains):
-        if chain.name in seen:
-            issues.append(ConfigIssue(
-                f"chains[{chain_index}].name",
-                f"duplicate chain name {chain.name!r} (also chains[{seen[chain.name]}])",
-            ))
-            continue
-        seen[chain.name] = chain_index
-        entries = []
-        for index, entry in enumerate(chain.plugins):
-            # The same place validate_document gives the entry, so the issues read alike.
-            here = f"chains.{chain.name}[{index}]" + (f" ({entry.name})" if entry.name else "")
-            raw, problem = _entry_document(entry)
-            if problem is not None:
-                issues.append(ConfigIssue(f"{here}.config_json", problem))
-                bad_configs.append(f"{here}.config")
-            if not math.isfinite(entry.timeout_seconds):
-                # parse_duration lets NaN and infinity through, and a NaN deadline never fires.
-                problem = f"must be a finite number of seconds, got {entry.timeout_seconds}"
-                issues.append(ConfigIssue(f"{here}.timeout_seconds", problem))
-                raw.pop("timeout", None)
-            entries.append(raw)
-        document[chain.name] = entries
-    validated: dict[str, ValidatedChain] = {}
-    if document:
-        try:
-            validated = validate_document({"chains": document}, registry)
-        except ConfigError as error:
-            # An entry whose config_json did not parse was checked with an empty config; what
-            # that reports (say, a missing required field) is noise beside the parse error.
-            issues += [i for i in error.issues if not any(i.location.startswith(bad) for bad in bad_configs)]
-    if issues:
-        raise ConfigError(issues)
-    return validated
-
-
-def _entry_document(entry: config_pb2.PluginEntry) -> tuple[dict[str, Any], str | None]:
-    """One wire entry as the chain-file entry it stands for; unset fields take the file defaults."""
-    raw: dict[str, Any] = {"name": entry.name, "priority": entry.priority, "parallel": entry.parallel}
-    if entry.id:
-        raw["id"] = entry.id
-    if entry.HasField("enabled"):
-        raw["enabled"] = entry.enabled
-    if entry.stage:
-        raw["stage"] = entry.stage
-    if entry.timeout_seconds:
-        raw["timeout"] = entry.timeout_seconds
-    if entry.on_error:
-        raw["on_error"] = entry.on_error
-    if not entry.config_json:
-        return raw, None
-    try:
-        raw["config"] = json.loads(entry.config_json)
-    except (ValueError, RecursionError) as error:
-        return raw, f"not valid JSON: {error}"
-    return raw, None
-
-
-def chain_message(chain: ValidatedChain, source: str) -> config_pb2.Chain:
-    """A validated chain as the wire message, entries in declaration order."""
-    entries = []
-    for validated in chain.plugins:
-        entry = validated.entry
-        entries.append(config_pb2.PluginEntry(
-            name=entry.name,
-            id=entry.id or "",
-            enabled=entry.enabled,
-            stage=str(entry.stage),
-            priority=entry.priority,
-            parallel=entry.parallel,
-            timeout_seconds=entry.timeout,
-            on_error=entry.on_error,
-            config_json=json.dumps(entry.config, sort_keys=True, separators=(",", ":")),
-        ))
-    return config_pb2.Chain(name=chain.name, plugins=entries, source=source)
 
 
 def fingerprint(chains: Mapping[str, ValidatedChain], sources: Mapping[str, str]) -> str:
@@ -314,10 +223,6 @@ def fingerprint(chains: Mapping[str, ValidatedChain], sources: Mapping[str, str]
     return json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _sources(chain_set: config_pb2.ChainSet) -> dict[str, str]:
-    return {chain.name: chain.source for chain in chain_set.chains}
-
-
 # --- The state file ----------------------------------------------------------------------------
 
 
@@ -332,7 +237,7 @@ class Restored:
     plan: Plan
 
     def active(self) -> ActiveConfig:
-        return ActiveConfig(self.chain_set, "state-file", fingerprint(self.chains, _sources(self.chain_set)))
+        return ActiveConfig(self.chain_set, "state-file", fingerprint(self.chains, wire_sources(self.chain_set)))
 
 
 class StateFile:
@@ -441,7 +346,7 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
             chains = validate_chain_set(chain_set, self._registry)
         except ConfigError as error:
             raise _invalid_push(error, version, active.version) from None
-        pushed_fingerprint = fingerprint(chains, _sources(chain_set))
+        pushed_fingerprint = fingerprint(chains, wire_sources(chain_set))
         if version == active.version:
             if pushed_fingerprint == active.fingerprint:
                 return config_pb2.ApplyResponse(active_version=version, changed=False)

@@ -23,7 +23,7 @@ from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stag
 from pluginchain.plugins._content_coding import readable_accept_encoding
 from pluginchain._engine.plan import CompiledChain
 from pluginchain._sidecar.plans import PlanHolder
-from pluginchain._config.schema import DEFAULT_CHAIN
+from pluginchain._config.models import DEFAULT_CHAIN
 
 logger = logging.getLogger("pluginchain.extproc")
 

@@ -19,7 +19,8 @@ from prometheus_client import Counter, Gauge
 
 from pluginchain._engine.plan import Plan, compile_plan
 from pluginchain._config.registry import PluginRegistry
-from pluginchain._config.schema import ConfigError, load_file
+from pluginchain._config.files import load_file
+from pluginchain._config.issues import ConfigError
 
 logger = logging.getLogger("pluginchain.reload")
 

@@ -25,7 +25,7 @@ from pluginchain._engine.plan import Plan, compile_plan
 from pluginchain._sidecar.extproc import ExternalProcessor, Limits
 from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder
 from pluginchain._config.registry import default_registry
-from pluginchain._config.schema import load_file
+from pluginchain._config.files import load_file
 from pluginchain.v1 import config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.server")
