@@ -32,11 +32,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from bare_processor import BareProcessor
-from pluginchain._engine.plan import compile_plan
-from pluginchain._sidecar.extproc import ExternalProcessor
-from pluginchain._sidecar.plans import PlanHolder
-from pluginchain._config.registry import default_registry
 from pluginchain._config.files import load_file
+from pluginchain._config.registry import default_registry
+from pluginchain._sidecar.extproc import ExternalProcessor
+from pluginchain._sidecar.plans import PlanHolder, serving_plan
 from run_bench import API_KEY, PATH, chat_body
 
 
@@ -103,7 +102,7 @@ def _processor(kind: str, mode: str):
     if kind == "bare":
         return BareProcessor(mode)
     registry = default_registry(())
-    plan = compile_plan(load_file(BENCH / "chains" / f"{mode}.yaml", registry), registry)
+    plan = serving_plan(load_file(BENCH / "chains" / f"{mode}.yaml", registry), registry)
     return ExternalProcessor(PlanHolder(plan))
 
 

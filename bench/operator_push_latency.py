@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.harness import BIN, Process, wait_until  # noqa: E402
 from tests.support.cluster import Cluster  # noqa: E402
+from tests.support.harness import BIN, Process, wait_until  # noqa: E402
 from tests.support.sidecars import TOKEN, Sidecar, add_pods  # noqa: E402
 
 LABELS = {"app": "bench-gateway"}

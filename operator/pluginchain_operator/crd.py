@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pluginchain_operator.resources import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, PluginChainSpec
+from pluginchain_operator.resources import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    PluginChainSpec,
+)
 
 CRD_PATH = "deploy/helm/pluginchain/crds/pluginchains.pluginchain.io.yaml"
 HEADER = "# Generated from the pydantic models by `pluginchain crd`; do not edit. A test fails when it drifts.\n"

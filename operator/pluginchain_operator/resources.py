@@ -3,19 +3,21 @@ operator's validation, built on the same plugin-entry model the sidecar validate
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import yaml
-
-from dataclasses import dataclass
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from pluginchain._engine.plan import compile_plan
-from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.issues import ConfigError, ConfigIssue, Path, pydantic_issues
-from pluginchain._config.models import CHAIN_NAME, DEFAULT_CHAIN, PluginEntry, ValidatedChain
+from pluginchain._config.models import (
+    CHAIN_NAME,
+    DEFAULT_CHAIN,
+    PluginEntry,
+    ValidatedChain,
+)
+from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.validation import validate_chain
+from pluginchain._engine.plan import compile_plan
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 GROUP = "pluginchain.io"
 VERSION = "v1alpha1"

@@ -3,15 +3,16 @@
 The stable import path for plugin authors: everything a plugin needs is importable from here.
 """
 
+from pluginchain._api.durations import Duration
 from pluginchain._api.plugin import (
-    BodyNeeds,
+    MAX_JSON_DEPTH,
     BodyNotJSON,
     BodyTooDeep,
     Exchange,
     Failure,
     HttpMessage,
     InstanceSettings,
-    MAX_JSON_DEPTH,
+    Needs,
     Plugin,
     PluginConfig,
     PluginContext,
@@ -20,10 +21,8 @@ from pluginchain._api.plugin import (
     Stage,
     parse_json,
 )
-from pluginchain._api.durations import Duration
 
 __all__ = [
-    "BodyNeeds",
     "BodyNotJSON",
     "BodyTooDeep",
     "Duration",
@@ -32,6 +31,7 @@ __all__ = [
     "HttpMessage",
     "InstanceSettings",
     "MAX_JSON_DEPTH",
+    "Needs",
     "Plugin",
     "PluginConfig",
     "PluginContext",

@@ -1,13 +1,18 @@
-"""Prometheus metrics of the chain engine, defined once for the process.
+"""Every Prometheus metric pluginchain exports, declared once for the process.
 
-The engine binds the labelled children once per compiled plugin, so the hot path only observes.
+Declaring a labelled metric creates no series; series appear when a serving sidecar binds
+labels. The engine takes an observer instead of importing this module (:class:`EngineMetrics`
+is the one the sidecar passes), so compiling a plan in the operator or the CLI creates none.
+Labelled children are bound once per compiled plugin or chain, so the hot path only observes.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# --- The engine ---------------------------------------------------------------------------------
 
 PLUGIN_LATENCY = Histogram(
     "pluginchain_plugin_duration_seconds",
@@ -26,3 +31,39 @@ CHAIN_LATENCY = Histogram(
     ["chain"],
     buckets=_LATENCY_BUCKETS,
 )
+
+# --- The sidecar --------------------------------------------------------------------------------
+
+REQUESTS = Counter(
+    "pluginchain_requests",
+    "HTTP requests seen by the sidecar, by chain and outcome: allow, reject, error, cancelled.",
+    ["chain", "outcome"],
+)
+RELOADS = Counter("pluginchain_config_reloads", "Config reload attempts by result: applied, invalid or unchanged.", ["result"])
+PLAN_VERSION = Gauge("pluginchain_config_version", "Version of the plan that serves new requests.")
+PUSHES = Counter(
+    "pluginchain_config_pushes",
+    "ConfigService Apply calls by result: applied, unchanged, invalid, stale, unauthenticated, failed.",
+    ["result"],
+)
+
+# --- Built-in plugins ---------------------------------------------------------------------------
+
+RATE_LIMITER_BACKEND_ERRORS = Counter(
+    "pluginchain_rate_limiter_backend_errors",
+    "Rate limit decisions the backend (Redis) could not make, by what on_backend_error decided.",
+    ["chain", "plugin", "decision"],
+)
+
+
+class EngineMetrics:
+    """The engine's observer in a serving sidecar: its plugin and stage metrics, bound per label set."""
+
+    def plugin_latency(self, chain: str, plugin: str) -> Histogram:
+        return PLUGIN_LATENCY.labels(chain, plugin)
+
+    def plugin_outcome(self, chain: str, plugin: str, outcome: str) -> Counter:
+        return PLUGIN_DECISIONS.labels(chain, plugin, outcome)
+
+    def stage_latency(self, chain: str) -> Histogram:
+        return CHAIN_LATENCY.labels(chain)

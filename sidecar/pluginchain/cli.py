@@ -12,14 +12,18 @@ import yaml
 
 from pluginchain import _logs as logs
 from pluginchain._api.durations import format_duration
+from pluginchain._config.files import load_file
+from pluginchain._config.issues import ConfigError
+from pluginchain._config.registry import (
+    PluginRegistrationError,
+    PluginRegistry,
+    default_registry,
+)
 from pluginchain._engine.plan import Plan, compile_plan
 from pluginchain._sidecar.envoy_config import EnvoySettings
 from pluginchain._sidecar.envoy_config import render as render_envoy
 from pluginchain._sidecar.extproc import Limits
 from pluginchain._sidecar.gateway import run_gateway
-from pluginchain._config.registry import PluginRegistrationError, PluginRegistry, default_registry
-from pluginchain._config.files import load_file
-from pluginchain._config.issues import ConfigError
 from pluginchain._sidecar.server import Sidecar, SidecarSettings, run_until_signalled
 
 

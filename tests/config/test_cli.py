@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pluginchain.cli import main
 from pluginchain._sidecar.envoy_config import EnvoySettings
 from pluginchain._sidecar.envoy_config import render as render_envoy
+from pluginchain.cli import main
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

@@ -8,9 +8,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from pluginchain import Plugin, PluginConfig
-from pluginchain._config.registry import PluginRegistrationError, PluginRegistry, default_registry
+from pluginchain import Needs, Plugin, PluginConfig
+from pluginchain._config.issues import ConfigError
+from pluginchain._config.registry import (
+    PluginRegistrationError,
+    PluginRegistry,
+    default_registry,
+)
+from pluginchain._config.validation import validate_document
+from pluginchain._engine.plan import compile_plan
 
 CLI = str(Path(sys.executable).parent / "pluginchain")
 
@@ -39,6 +45,9 @@ class LooseConfig(PluginConfig):
         ({"stages": frozenset()}, "`stages` must be a non-empty set of pluginchain.Stage"),
         ({"stages": {"pre_request"}}, "`stages` must be a non-empty set of pluginchain.Stage"),
         ({"supports_parallel": "yes"}, "`supports_parallel` must be a bool"),
+        ({"reads_body": 1}, "`reads_body` must be a bool"),
+        ({"suspends": property(lambda self: False)}, "`suspends` must be a bool (a class attribute; per-config needs go in `needs()`)"),
+        ({"needs": Needs()}, "`needs` must be a method"),
         ({"execute": lambda self, ctx, data: None}, "`execute` must be `async def execute(self, ctx, data)`"),
     ],
 )
@@ -57,6 +66,39 @@ def test_a_class_without_execute_or_outside_the_hierarchy_is_refused():
         PluginRegistry().register(NoExecute)
     with pytest.raises(PluginRegistrationError, match="not a subclass of pluginchain.Plugin"):
         PluginRegistry().register(dict)
+
+
+def test_a_misnamed_entry_point_is_refused_before_its_class_is_registered(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "misnamed").mkdir(parents=True)
+    (site / "misnamed" / "__init__.py").write_text(CUSTOM_PLUGIN)
+    dist_info = site / "misnamed-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: misnamed\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[pluginchain.plugins]\nother_name = misnamed:TenantGate\n")
+    monkeypatch.syspath_prepend(str(site))
+    registry = PluginRegistry()
+
+    with pytest.raises(PluginRegistrationError, match="entry point name must equal the plugin's name 'tenant_gate'"):
+        registry.load_entry_points()
+    assert "tenant_gate" not in registry
+
+
+def test_an_instance_that_needs_more_than_its_class_declares_is_not_built():
+    class Overreaching(Good):
+        name = "overreaching"
+        suspends = False
+
+        def needs(self):
+            return Needs(request_body=True, suspends=False)
+
+    registry = PluginRegistry()
+    registry.register(Overreaching)
+    with pytest.raises(ConfigError) as caught:
+        compile_plan(validate_document([{"name": "overreaching", "id": "greedy"}], registry), registry)
+    assert [str(issue) for issue in caught.value.issues] == [
+        "[0] (greedy): cannot build plugin: needs() asks for a body, but the class declares reads_body = False"
+    ]
 
 
 def test_two_classes_cannot_share_a_name():

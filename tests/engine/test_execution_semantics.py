@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from pluginchain import Exchange, HttpMessage, Stage
-from pluginchain._engine.plan import compile_plan
 from pluginchain._config.validation import validate_document
+from pluginchain._engine.plan import compile_plan
 
 from tests.support.scripted import scripted_registry
 
@@ -209,33 +208,31 @@ def test_disabled_plugins_are_validated_but_never_run():
 
 
 async def test_members_that_never_suspend_keep_the_parallel_semantics():
-    from tests.support.scripted import Scripted
+    inline = {"never_suspends": True}
+    chain = chain_of(
+        step("a", parallel=True, set_headers={"x-winner": "a"}, **inline),
+        step("b", parallel=True, set_headers={"x-winner": "b", "x-b": "1"}, **inline),
+        step("c", parallel=True, reject_status=None, **inline),
+        step("later", priority=1, **inline),
+    )
+    exchange = new_exchange()
+    await chain.run_stage(Stage.PRE_REQUEST, exchange)
+    seen = {e[1]: e[2] for e in exchange.metadata["events"] if e[0] == "seen"}
+    assert "x-winner" not in seen["b"]  # b saw the group's snapshot, not a's change
+    assert exchange.request.headers["x-winner"] == "b"
+    assert "x-b" in seen["later"]
 
-    Scripted.suspends = False
-    try:
-        chain = chain_of(
-            step("a", parallel=True, set_headers={"x-winner": "a"}),
-            step("b", parallel=True, set_headers={"x-winner": "b", "x-b": "1"}),
-            step("c", parallel=True, reject_status=None),
-            step("later", priority=1),
-        )
-        exchange = new_exchange()
-        await chain.run_stage(Stage.PRE_REQUEST, exchange)
-        seen = {e[1]: e[2] for e in exchange.metadata["events"] if e[0] == "seen"}
-        assert "x-winner" not in seen["b"]  # b saw the group's snapshot, not a's change
-        assert exchange.request.headers["x-winner"] == "b"
-        assert "x-b" in seen["later"]
+    rejecting = chain_of(
+        step("gate", parallel=True, reject_status=403, **inline),
+        step("other", parallel=True, set_headers={"x-o": "1"}, **inline),
+    )
+    exchange = new_exchange()
+    result = await rejecting.run_stage(Stage.PRE_REQUEST, exchange)
+    assert result.rejection.status == 403 and "x-o" not in exchange.request.headers
 
-        rejecting = chain_of(step("gate", parallel=True, reject_status=403), step("other", parallel=True, set_headers={"x-o": "1"}))
-        exchange = new_exchange()
-        result = await rejecting.run_stage(Stage.PRE_REQUEST, exchange)
-        assert result.rejection.status == 403 and "x-o" not in exchange.request.headers
-
-        # A member that says it never suspends and then awaits fails, in parallel or alone, saying so.
-        for lying in (chain_of(step("sleeper", parallel=True, sleep=0.01), step("other", parallel=True)),
-                      chain_of(step("sleeper", sleep=0.01))):
-            result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
-            assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
-            assert "declared `suspends = False` but awaited" in result.failures[0].message
-    finally:
-        del Scripted.suspends
+    # A member that says it never suspends and then awaits fails, in parallel or alone, saying so.
+    for lying in (chain_of(step("sleeper", parallel=True, sleep=0.01, **inline), step("other", parallel=True, **inline)),
+                  chain_of(step("sleeper", sleep=0.01, **inline))):
+        result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
+        assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
+        assert "said it never suspends but awaited" in result.failures[0].message

@@ -7,11 +7,16 @@ from __future__ import annotations
 import json5
 import jsonschema
 import yaml
-
 from pluginchain._config.registry import default_registry
-from pluginchain_operator.resources import check_spec
 from pluginchain_operator.crd import render_crd
-from pluginchain_operator.resources import GROUP, KIND, VERSION, LabelSelector
+from pluginchain_operator.resources import (
+    GROUP,
+    KIND,
+    VERSION,
+    LabelSelector,
+    check_spec,
+)
+
 from tests.helm.chart import ROOT, render
 
 EXAMPLE = ROOT / "examples" / "pluginchain.yaml"

@@ -19,14 +19,15 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from pluginchain._sidecar.gateway import envoy_binary
 from pluginchain._config.registry import default_registry
 from pluginchain._config.validation import validate_document
+from pluginchain._config.wire import chain_to_wire
+from pluginchain._sidecar.gateway import envoy_binary
 from pluginchain.v1 import config_pb2
-from pluginchain_operator.pushing import PushCredentials, apply, chain_message
-from tests.support.harness import BIN, Process, free_port, start_upstream, wait_until
+from pluginchain_operator.pushing import PushCredentials, apply
+
 from tests.helm.chart import container_port, render
+from tests.support.harness import BIN, Process, free_port, start_upstream, wait_until
 
 POD_IP = "127.0.0.2"
 TOKEN = "pod-test-push-token-0123456789abcdef"
@@ -165,7 +166,7 @@ def _push_content_filter(pod: Pod) -> None:
     registry = default_registry([])
     plugins = [{"name": "content_filter", "config": {"banned_patterns": ["(?i)forbidden"]}}]
     chain = validate_document({"chains": {"default": plugins}}, registry)["default"]
-    chain_set = config_pb2.ChainSet(version=1, chains=[chain_message(chain, "PluginChain pluginchain/test")])
+    chain_set = config_pb2.ChainSet(version=1, chains=[chain_to_wire(chain, "PluginChain pluginchain/test")])
     reply = asyncio.run(apply(f"{POD_IP}:{pod.config_port}", chain_set, PushCredentials(pod.token_file), timeout=5))
     assert reply.active_version == 1
 

@@ -12,10 +12,18 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION, LabelSelector
-from tests.helm.chart import CHART, NAMESPACE, REALISTIC, RELEASE, VALUE_SETS, container, render
+
+from tests.helm.chart import (
+    CHART,
+    NAMESPACE,
+    REALISTIC,
+    RELEASE,
+    VALUE_SETS,
+    container,
+    render,
+)
 
 # The chart's minimum (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION
-from tests.support.harness import BIN, Process, free_port, wait_until
+
 from tests.helm.chart import container, render
 from tests.helm.kube import FullCluster
 from tests.support.cluster import RecordedRequest
+from tests.support.harness import BIN, Process, free_port, wait_until
 from tests.support.sidecars import ready_condition
 
 # Non-resource URLs every authenticated client may read (the built-in system:discovery and

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import BIN, Process, wait_until
 from tests.support.cluster import Cluster
+from tests.support.harness import BIN, Process, wait_until
 from tests.support.sidecars import TOKEN, Sidecar
 
 _namespaces = itertools.count(1)

@@ -6,8 +6,13 @@ import gzip
 import zlib
 
 import pytest
-
-from pluginchain.plugins._content_coding import MAX_INFLATED_BYTES, UnreadableBody, deflate, inflate, readable_accept_encoding
+from pluginchain.plugins._content_coding import (
+    MAX_INFLATED_BYTES,
+    UnreadableBody,
+    deflate,
+    inflate,
+    readable_accept_encoding,
+)
 
 
 @pytest.mark.parametrize(

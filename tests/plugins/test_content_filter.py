@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 import time
 
 import pytest
-from pydantic import ValidationError
-
 from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
-from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain._config.issues import pydantic_issues
+from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
+from pydantic import ValidationError
 
 
 def chat(*contents, model="gpt-4o") -> bytes:
@@ -314,15 +311,10 @@ async def test_a_completion_nested_too_deeply_fails_the_plugin_instead_of_passin
 # --- linear time ----------------------------------------------------------------------------
 
 
-def test_python_re_is_catastrophic_on_the_pattern_used_below():
-    # Shows the next test is meaningful: backtracking regex engines take exponential time here.
-    script = "import re; re.search(r'(a+)+$', 'a' * 32 + '!')"
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run([sys.executable, "-c", script], timeout=2)
-
-
 @pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|aa)*b"])
 async def test_a_redos_pattern_scans_100kb_about_as_fast_as_a_trivial_one(pattern):
+    # Both patterns take a backtracking engine exponential time on a run of "a"s that then fails
+    # to match; RE2 scans in time linear in the text whatever the pattern.
     body = b"a" * 100_000 + b"!"
     evil, trivial = banning(pattern), banning("zzz")
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-from pydantic import ValidationError
-
-from pluginchain import BodyNeeds, Reject, Stage
+from pluginchain import Needs, Reject, Stage
 from pluginchain.plugins.external_validator import (
     DEFAULT_URL,
     ExternalValidator,
     ExternalValidatorUnavailable,
 )
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
+from pydantic import ValidationError
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
 
@@ -224,9 +223,9 @@ async def test_forward_headers_sends_exactly_the_named_headers(validator, plugin
 @pytest.mark.parametrize(
     ("send", "parts", "needs"),
     [
-        (["headers"], {"headers"}, BodyNeeds()),
-        (["body"], {"body"}, BodyNeeds(request=True)),
-        (["headers", "body"], {"headers", "body"}, BodyNeeds(request=True)),
+        (["headers"], {"headers"}, Needs()),
+        (["body"], {"body"}, Needs(request_body=True)),
+        (["headers", "body"], {"headers", "body"}, Needs(request_body=True)),
     ],
 )
 async def test_send_limits_the_parts_sent_and_the_bodies_asked_of_envoy(validator, plugins, send, parts, needs):
@@ -235,12 +234,12 @@ async def test_send_limits_the_parts_sent_and_the_bodies_asked_of_envoy(validato
     await run_plugin(plugin, make_exchange(headers={"x-tenant": "acme"}, body=CHAT))
 
     assert set(validator.calls[0].payload["request"]) == parts
-    assert plugin.body_needs() == needs
+    assert plugin.needs() == needs
 
 
 def test_post_request_with_body_asks_envoy_for_both_bodies(plugins):
-    assert plugins({}, stage=Stage.POST_REQUEST).body_needs() == BodyNeeds(request=True, response=True)
-    assert plugins({"send": ["headers"]}, stage=Stage.POST_REQUEST).body_needs() == BodyNeeds()
+    assert plugins({}, stage=Stage.POST_REQUEST).needs() == Needs(request_body=True, response_body=True)
+    assert plugins({"send": ["headers"]}, stage=Stage.POST_REQUEST).needs() == Needs()
 
 
 # -- retries, timeouts, failures ------------------------------------------------------------------

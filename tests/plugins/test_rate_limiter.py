@@ -1,32 +1,46 @@
 """The rate limiter as a client sees it: how many requests get through, and what a 429 says.
 
-Both backends run the same tests; the Redis backend runs against a real valkey-server. Timing
-bounds come from GCRA itself: over a span ``t`` it admits at most ``limit + t / T`` requests
-(``T = window / limit``), with ``t`` measured around the calls in the same test.
+Both backends run the same tests; the Redis backend runs against a real valkey-server. The
+limiters count on a fake clock that moves only when a test advances it, so no test sleeps and
+every count is exact: GCRA admits a burst of ``limit``, then one more per ``T = window / limit``.
+The Redis backend takes "now" from the same fake clock; its keys still expire in real time, so
+windows are long (a minute or more) against the milliseconds a test runs. One test keeps the
+production clock, the Redis server's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from pluginchain import InstanceSettings, PluginData, Reject, Stage
+from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
+from pluginchain.testing import make_exchange, run_plugin
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from pluginchain import PluginData, Reject
-from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
-from pluginchain.testing import make_exchange, make_plugin, run_plugin
 from tests.support.harness import free_port
 
 BACKENDS = ["memory", "redis"]
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test calls :meth:`advance`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture
@@ -36,18 +50,30 @@ def chain() -> str:
 
 
 @pytest.fixture
-async def build(request: pytest.FixtureRequest, chain: str) -> AsyncIterator[Callable[..., RateLimiter]]:
-    """Build rate limiters on this test's chain; ``backend="redis"`` points them at valkey."""
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def build(
+    request: pytest.FixtureRequest, chain: str, clock: FakeClock
+) -> AsyncIterator[Callable[..., RateLimiter]]:
+    """Build rate limiters on this test's chain and clock; ``backend="redis"`` points them at
+    valkey, and ``server_clock=True`` leaves them on the production clock (Redis server time)."""
     built: list[RateLimiter] = []
 
-    def build_limiter(backend: str = "memory", **config: Any) -> RateLimiter:
+    def build_limiter(backend: str = "memory", *, server_clock: bool = False, **config: Any) -> RateLimiter:
         config["backend"] = backend
         if backend == "redis":
             config.setdefault("redis_url", request.getfixturevalue("valkey_url"))
             config.setdefault("key_prefix", f"test:{chain}")
             # A slow machine must not turn into fail-open admissions in tests about counting.
             config.setdefault("redis_timeout", "5s")
-        plugin = make_plugin(RateLimiter, config, chain=chain)
+        plugin = RateLimiter(
+            RateLimiter.Config.model_validate(config),
+            InstanceSettings(id="rate_limiter", stage=Stage.PRE_REQUEST, chain=chain),
+            clock=None if server_clock else clock,
+        )
         built.append(plugin)
         return plugin
 
@@ -76,22 +102,23 @@ def backend_errors(chain: str, decision: str) -> float:
     return REGISTRY.get_sample_value("pluginchain_rate_limiter_backend_errors_total", labels) or 0.0
 
 
+# -- counting ---------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_concurrent_callers_get_exactly_the_limit_then_again_after_a_window(backend, build):
-    limiter = build(backend, limit=10, window="1s")
-    interval = 0.1
+async def test_concurrent_callers_get_exactly_the_limit_then_again_after_a_window(backend, build, clock):
+    limiter = build(backend, limit=10, window="1m")  # T = 6 s
 
-    started = time.monotonic()
-    admitted = await count_admitted([limiter], 50)
-    elapsed = time.monotonic() - started
-    assert 10 <= admitted <= 10 + math.floor(elapsed / interval)
-    assert admitted == 10 or elapsed >= interval, f"admitted {admitted} of 50 in {elapsed:.3f}s"
+    assert await count_admitted([limiter], 50) == 10
+    assert await count_admitted([limiter], 50) == 0
 
-    await asyncio.sleep(1.0)
-    started = time.monotonic()
-    admitted = await count_admitted([limiter], 50)
-    elapsed = time.monotonic() - started
-    assert admitted == 10 or (elapsed >= interval and admitted <= 10 + elapsed / interval)
+    clock.advance(5.999)
+    assert await count_admitted([limiter], 50) == 0
+    clock.advance(0.001)
+    assert await count_admitted([limiter], 50) == 1
+
+    clock.advance(60)
+    assert await count_admitted([limiter], 50) == 10
 
 
 async def test_a_burst_larger_than_the_redis_pool_waits_for_connections_instead_of_failing_open(build, chain):
@@ -104,90 +131,103 @@ async def test_a_burst_larger_than_the_redis_pool_waits_for_connections_instead_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_no_second_burst_right_after_a_fixed_window_edge(backend, build):
-    """A fixed one-second window would admit the limit again just after the second turns."""
-    limiter = build(backend, limit=10, window="1s")
-    interval = 0.1
-    await asyncio.sleep((0.95 - time.time() % 1.0) % 1.0)
+async def test_no_second_burst_right_after_a_fixed_window_edge(backend, build, clock):
+    """A fixed one-minute window would admit the limit again just after the minute turns."""
+    clock.now = 59.5
+    limiter = build(backend, limit=10, window="1m")  # T = 6 s
 
-    started = time.monotonic()
     assert await count_admitted([limiter], 10) == 10
-    await asyncio.sleep((1.05 - time.time() % 1.0) % 1.0)
-    after_edge = await count_admitted([limiter], 10)
-    elapsed = time.monotonic() - started
-
-    assert after_edge <= elapsed / interval, f"{after_edge} admitted {elapsed:.3f}s after a full burst"
-    assert after_edge < 10
+    clock.advance(1)  # 60.5: past the edge
+    assert await count_admitted([limiter], 10) == 0
+    clock.advance(5)  # one T after the burst
+    assert await count_admitted([limiter], 10) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_a_429_says_when_to_retry_and_retrying_then_succeeds(backend, build):
-    limiter = build(backend, limit=2, window="2s")
+async def test_a_429_says_when_to_retry_and_retrying_then_succeeds(backend, build, clock):
+    limiter = build(backend, limit=2, window="1m")  # T = 30 s
 
     first, second = await attempt(limiter), await attempt(limiter)
     assert isinstance(first, PluginData) and isinstance(second, PluginData)
-    assert first.metadata["rate_limit"] == {"limit": 2, "remaining": 1, "reset": 1}
-    assert second.metadata["rate_limit"] == {"limit": 2, "remaining": 0, "reset": 2}
+    assert first.metadata["rate_limit"] == {"limit": 2, "remaining": 1, "reset": 30}
+    assert second.metadata["rate_limit"] == {"limit": 2, "remaining": 0, "reset": 60}
 
     rejected = await attempt(limiter)
     assert isinstance(rejected, Reject)
     assert rejected.status == 429
     assert rejected.headers == {
-        "retry-after": "1",
+        "retry-after": "30",
         "x-ratelimit-limit": "2",
         "x-ratelimit-remaining": "0",
-        "x-ratelimit-reset": "2",
+        "x-ratelimit-reset": "60",
     }
     error = json.loads(rejected.body)["error"]
     assert error["code"] == "rate_limit_exceeded"
     assert error["type"] == "rate_limit_error"
-    assert "2 requests per 2s" in error["message"]
+    assert error["message"] == "rate limit exceeded: 2 requests per 1m; retry after 30 s"
 
-    await asyncio.sleep(int(rejected.headers["retry-after"]))
-    assert isinstance(await attempt(limiter), PluginData)
+    clock.advance(int(rejected.headers["retry-after"]) - 1)
+    still_rejected = await attempt(limiter)
+    assert isinstance(still_rejected, Reject)
+    assert still_rejected.headers["retry-after"] == "1"
+    assert still_rejected.headers["x-ratelimit-reset"] == "31"
+
+    clock.advance(1)  # retry-after seconds after the first 429
+    retried = await attempt(limiter)
+    assert isinstance(retried, PluginData)
+    assert retried.metadata["rate_limit"] == {"limit": 2, "remaining": 0, "reset": 60}
 
 
-async def test_two_replicas_on_one_redis_share_one_limit(build):
-    replicas = [build("redis", limit=10, window="1s"), build("redis", limit=10, window="1s")]
+async def test_two_replicas_on_one_redis_share_one_limit_on_the_server_clock(build):
+    # The production clock: no fake time, and a window long enough that none refills meanwhile.
+    replicas = [build("redis", server_clock=True, limit=10, window="1h") for _ in range(2)]
 
-    started = time.monotonic()
-    admitted = await count_admitted(replicas, 30)
-    elapsed = time.monotonic() - started
+    assert await count_admitted(replicas, 30) == 10
+    assert await count_admitted(replicas, 30) == 0
 
-    assert admitted == 10 or (elapsed >= 0.1 and admitted <= 10 + elapsed / 0.1)
+
+async def test_two_replicas_on_one_redis_share_one_limit(build, clock):
+    replicas = [build("redis", limit=10, window="1m") for _ in range(2)]
+
+    assert await count_admitted(replicas, 30) == 10
+    clock.advance(6)
+    assert await count_admitted(replicas, 30) == 1
 
 
 async def test_memory_buckets_survive_a_reload_that_keeps_the_entry(build):
-    before_reload = build(limit=3, window="2s")
+    before_reload = build(limit=3, window="1m")
     assert await count_admitted([before_reload], 3) == 3
 
-    same_entry = build(limit=3, window="2s")
+    same_entry = build(limit=3, window="1m")
     assert isinstance(await attempt(same_entry), Reject)
-    new_rate = build(limit=4, window="2s")
-    assert isinstance(await attempt(new_rate), PluginData)
+    new_rate = build(limit=4, window="1m")
+    assert await count_admitted([new_rate], 5) == 4
+
+
+# -- keys -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_each_api_key_has_its_own_bucket_and_keyless_requests_share_one(backend, build):
-    limiter = build(backend, limit=2, window="2s", key="header:X-Api-Key")
+    limiter = build(backend, limit=2, window="1m", key="header:X-Api-Key")
     alice, bob = {"x-api-key": "sk-alice"}, {"x-api-key": "sk-bob"}
 
     assert await count_admitted([limiter], 3, headers=alice) == 2
-    assert isinstance(await attempt(limiter, headers=bob), PluginData)
+    assert await count_admitted([limiter], 3, headers=bob) == 2
     assert await count_admitted([limiter], 3, headers={}) == 2
-    assert isinstance(await attempt(limiter, headers={"x-api-key": ""}), PluginData)
+    assert await count_admitted([limiter], 3, headers={"x-api-key": ""}) == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_each_client_address_has_its_own_bucket(backend, build):
-    limiter = build(backend, limit=1, window="2s", key="client_address")
+    limiter = build(backend, limit=1, window="1m", key="client_address")
 
     assert await count_admitted([limiter], 2, client_address="10.0.0.1") == 1
-    assert isinstance(await attempt(limiter, client_address="10.0.0.2"), PluginData)
+    assert await count_admitted([limiter], 2, client_address="10.0.0.2") == 1
 
 
 async def test_raw_key_values_never_reach_redis(build, chain, valkey_url):
-    limiter = build("redis", limit=5, window="2s", key="header:x-api-key")
+    limiter = build("redis", limit=5, window="1m", key="header:x-api-key")  # T = 12 s
     for secret in ("sk-alice-secret", "sk-bob-secret"):
         await attempt(limiter, headers={"x-api-key": secret})
     await attempt(limiter, headers={})
@@ -195,6 +235,7 @@ async def test_raw_key_values_never_reach_redis(build, chain, valkey_url):
     client = Redis.from_url(valkey_url)
     try:
         keys = [key.decode() async for key in client.scan_iter(match=f"test:{chain}:*")]
+        values = [await client.get(key) for key in keys]
         ttls = [await client.pttl(key) for key in keys]
     finally:
         await client.aclose()
@@ -202,7 +243,13 @@ async def test_raw_key_values_never_reach_redis(build, chain, valkey_url):
     for key in keys:
         digest = key.removeprefix(f"test:{chain}:")
         assert len(digest) == 64 and set(digest) <= set("0123456789abcdef"), key
-    assert all(0 < ttl <= 2000 for ttl in ttls), ttls
+    # The value is the bucket's TAT in microseconds of the limiter's clock: now + T.
+    assert values == [b"1012000000"] * 3
+    # Redis expires the key in real time once the bucket is full again, T after one request.
+    assert all(0 < ttl <= 12_000 for ttl in ttls), ttls
+
+
+# -- backend failures -------------------------------------------------------------------------
 
 
 def closed_port_url() -> str:
@@ -223,6 +270,28 @@ async def test_backend_down_with_allow_admits_counts_and_warns_without_the_key(b
     assert "sk-very-secret" not in caplog.text
 
 
+async def test_backend_errors_warn_at_most_once_per_ten_seconds_and_say_how_many_were_suppressed(
+    build, chain, clock, caplog
+):
+    limiter = build("redis", redis_url=closed_port_url(), on_backend_error="allow")
+    before = backend_errors(chain, "allow")
+
+    def warnings() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+    assert await count_admitted([limiter], 3) == 3
+    assert len(warnings()) == 1
+    clock.advance(9.5)
+    assert await count_admitted([limiter], 1) == 1
+    assert len(warnings()) == 1
+
+    clock.advance(0.5)  # ten seconds after the first warning
+    assert await count_admitted([limiter], 1) == 1
+    assert len(warnings()) == 2
+    assert warnings()[1].endswith("allowed the request per on_backend_error (3 similar warnings suppressed)")
+    assert backend_errors(chain, "allow") == before + 5
+
+
 async def test_backend_down_with_deny_answers_429_and_counts(build, chain):
     limiter = build("redis", redis_url=closed_port_url(), on_backend_error="deny")
     before = backend_errors(chain, "deny")
@@ -238,7 +307,7 @@ async def test_backend_down_with_deny_answers_429_and_counts(build, chain):
 
 async def test_a_redis_that_never_answers_is_given_up_on_after_redis_timeout(build, chain):
     # The kernel completes connections to a listening socket nobody accepts from, so the
-    # command is sent and no reply ever comes.
+    # command is sent and no reply ever comes. The 100 ms are real: this is a network timeout.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -251,6 +320,9 @@ async def test_a_redis_that_never_answers_is_given_up_on_after_redis_timeout(bui
 
         assert isinstance(result, PluginData)
         assert backend_errors(chain, "allow") == before + 1
+
+
+# -- config -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("config", [{}, {"limit": 100, "window": "1m"}])

@@ -14,7 +14,6 @@ import httpx
 import kmock
 import yaml
 from kmock._internal import parsing
-
 from pluginchain_operator.resources import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
 
 _original_parse_path = parsing.parse_path

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
-from pluginchain import InstanceSettings, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain import (
+    InstanceSettings,
+    Needs,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    PluginData,
+    Reject,
+    Stage,
+)
 from pluginchain._config.registry import PluginRegistry
 
 
@@ -21,6 +30,8 @@ class ScriptedConfig(PluginConfig):
     reads_body: bool = False
     remember_error: bool = False
     """In the error stage: record the failure seen in the events."""
+    never_suspends: bool = False
+    """Say so in needs(), so the engine runs it inline (then ``sleep`` is a lie it catches)."""
     refuse_to_build: str | None = None
     """Raise ValueError with this message from the constructor (a plugin that cannot be built)."""
 
@@ -36,12 +47,14 @@ class Scripted(Plugin):
             raise ValueError(config.refuse_to_build)
         super().__init__(config, settings)
 
-    def body_needs(self):
-        from pluginchain import BodyNeeds
+    reads_body = True
 
-        if not self.config.reads_body:
-            return BodyNeeds()
-        return BodyNeeds(request=self.stage is Stage.PRE_REQUEST, response=self.stage is Stage.POST_REQUEST)
+    def needs(self) -> Needs:
+        return Needs(
+            request_body=self.config.reads_body and self.stage is Stage.PRE_REQUEST,
+            response_body=self.config.reads_body and self.stage is Stage.POST_REQUEST,
+            suspends=not self.config.never_suspends,
+        )
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         events = data.exchange.metadata.setdefault("events", [])

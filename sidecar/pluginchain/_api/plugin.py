@@ -47,14 +47,23 @@ class PluginConfig(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class BodyNeeds:
-    """Which HTTP bodies a plugin instance reads; the sidecar asks Envoy only for these."""
+class Needs:
+    """What one configured plugin instance needs: the sidecar asks Envoy only for these bodies,
+    and the engine runs an instance that never suspends inline (no timer, no task)."""
 
-    request: bool = False
-    response: bool = False
+    request_body: bool = False
+    response_body: bool = False
+    suspends: bool = True
+    """Whether ``execute`` may ``await``. False: the engine drives it to completion at once; a
+    timeout cannot interrupt code that never yields anyway. A plugin that says False and then
+    awaits fails (``on_error`` applies) and the log names it."""
 
-    def __or__(self, other: BodyNeeds) -> BodyNeeds:
-        return BodyNeeds(self.request or other.request, self.response or other.response)
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.request_body or other.request_body,
+            self.response_body or other.response_body,
+            self.suspends or other.suspends,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,14 +379,22 @@ class PluginData:
 class Plugin(ABC):
     """Base class of every plugin, built-in or custom.
 
-    A subclass declares, as class attributes:
+    A subclass declares what it is and may do as class attributes, all checked when the class is
+    registered (a malformed class is refused with the reason before the registry changes):
 
     - ``name``: the registry name chain entries use (a lower-case identifier);
     - ``Config``: a :class:`PluginConfig` subclass (unknown fields forbidden);
-    - ``stages``: the stages it can run in;
+    - ``stages``: the stages it can run in (a chain entry in another stage is a config error);
     - ``supports_parallel``: whether it may be configured with ``parallel: true``;
-    - ``reads_body``: whether it needs the body of the message its stage works on (override
-      :meth:`body_needs` when that depends on config).
+    - ``reads_body``: whether it reads bodies at all (by default, the body of the message its
+      stage works on: the request in ``pre_request``, the response in ``post_request``);
+    - ``suspends``: whether ``execute`` may ``await`` (False for pure computation, which the
+      engine then runs inline).
+
+    What one configured instance needs within those declarations is :meth:`needs`, the one hook
+    for needs that depend on config (say, a plugin that reads the body only when configured to).
+    It may ask for less than the class declares, never more; the plan refuses an instance that
+    does.
 
     An instance is built once per compiled plan, never per request; keep per-request state in
     ``data``, not on ``self``. ``aclose`` runs when the plan is replaced.
@@ -388,12 +405,7 @@ class Plugin(ABC):
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PRE_REQUEST})
     supports_parallel: ClassVar[bool] = False
     reads_body: ClassVar[bool] = False
-    suspends: bool = True
-    """False for a plugin whose ``execute`` never awaits (pure computation). The engine then runs
-    it inline, without a timer or a task: a timeout cannot interrupt code that never yields, and
-    parallel members that never yield finish in one loop turn anyway. Set it per instance when it
-    depends on config. A plugin that says False and then awaits anyway fails (``on_error``
-    applies) and the log names it."""
+    suspends: ClassVar[bool] = True
 
     def __init__(self, config: PluginConfig, settings: InstanceSettings):
         self.config = config
@@ -411,13 +423,18 @@ class Plugin(ABC):
     def priority(self) -> int:
         return self.settings.priority
 
-    def body_needs(self) -> BodyNeeds:
-        """Bodies this instance reads, given its stage and config."""
-        if not self.reads_body or self.stage is Stage.ERROR:
-            return BodyNeeds()
-        if self.stage is Stage.PRE_REQUEST:
-            return BodyNeeds(request=True)
-        return BodyNeeds(response=True)
+    def needs(self) -> Needs:
+        """What this instance needs, given its stage and config; override to narrow it per config.
+
+        The default follows the class declarations: the body of the stage's own message when
+        ``reads_body`` (none in the ``error`` stage), and ``suspends``.
+        """
+        reads = self.reads_body
+        return Needs(
+            request_body=reads and self.stage is Stage.PRE_REQUEST,
+            response_body=reads and self.stage is Stage.POST_REQUEST,
+            suspends=self.suspends,
+        )
 
     @abstractmethod
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:

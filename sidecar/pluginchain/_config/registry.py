@@ -68,11 +68,11 @@ class PluginRegistry:
                 plugin_class = entry_point.load()
             except Exception as error:
                 raise PluginRegistrationError(f"cannot load {source}: {error}") from error
+            name = getattr(plugin_class, "name", None)
+            if name != entry_point.name:
+                # Checked before registering: a refused entry point leaves the registry as it was.
+                raise PluginRegistrationError(f"{source}: the entry point name must equal the plugin's name {name!r}")
             self.register(plugin_class, source=source)
-            if plugin_class.name != entry_point.name:
-                raise PluginRegistrationError(
-                    f"{source}: the entry point name must equal the plugin's name {plugin_class.name!r}"
-                )
 
     def load_module(self, module_ref: str) -> list[type[Plugin]]:
         """Import a module (dotted name or ``.py`` path) and register the plugin classes it defines."""
@@ -139,9 +139,11 @@ def _problems_of(plugin_class: object) -> list[str]:
     stages = plugin_class.stages
     if not isinstance(stages, (set, frozenset)) or not stages or not all(isinstance(s, Stage) for s in stages):
         problems.append("`stages` must be a non-empty set of pluginchain.Stage")
-    for flag in ("supports_parallel", "reads_body"):
+    for flag in ("supports_parallel", "reads_body", "suspends"):
         if not isinstance(getattr(plugin_class, flag), bool):
-            problems.append(f"`{flag}` must be a bool")
+            problems.append(f"`{flag}` must be a bool (a class attribute; per-config needs go in `needs()`)")
+    if not inspect.isfunction(getattr(plugin_class, "needs", None)):
+        problems.append("`needs` must be a method `def needs(self) -> pluginchain.Needs`")
     if inspect.isabstract(plugin_class):
         missing = ", ".join(sorted(plugin_class.__abstractmethods__))
         problems.append(f"it does not implement {missing}")

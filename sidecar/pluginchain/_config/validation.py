@@ -10,8 +10,22 @@ from typing import Any
 from pydantic import ValidationError
 
 from pluginchain._api.plugin import PluginConfig
-from pluginchain._config.issues import ConfigError, ConfigIssue, EntryRef, Path, kind_of, pydantic_issues, render_path
-from pluginchain._config.models import CHAIN_NAME, DEFAULT_CHAIN, PluginEntry, ValidatedChain, ValidatedPlugin
+from pluginchain._config.issues import (
+    ConfigError,
+    ConfigIssue,
+    EntryRef,
+    Path,
+    kind_of,
+    pydantic_issues,
+    render_path,
+)
+from pluginchain._config.models import (
+    CHAIN_NAME,
+    DEFAULT_CHAIN,
+    PluginEntry,
+    ValidatedChain,
+    ValidatedPlugin,
+)
 from pluginchain._config.registry import PluginRegistry
 
 

@@ -1,7 +1,7 @@
 """Compiles validated chains into execution plans and runs them: the spec's semantics, made exact.
 
-Compiling happens once per config (sorting, grouping, building plugin instances, binding
-metrics); a request only walks the prebuilt groups:
+Compiling happens once per config (sorting, grouping, building plugin instances, asking each
+what it needs, binding the observer's metrics); a request only walks the prebuilt groups:
 
 - a stage's plugins are grouped by priority, ascending, and groups run one after another;
 - in a group, sequential members run one by one in declaration order, then the parallel members
@@ -18,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Protocol
 
-from pluginchain import _metrics as metrics
 from pluginchain._api.plugin import (
-    BodyNeeds,
     Exchange,
     Failure,
     InstanceSettings,
+    Needs,
     Plugin,
     PluginContext,
     PluginData,
@@ -38,6 +38,51 @@ from pluginchain._config.models import ValidatedChain
 from pluginchain._config.registry import PluginRegistry
 
 logger = logging.getLogger("pluginchain.engine")
+
+
+class Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Histogram(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class Observer(Protocol):
+    """What the engine reports while it runs. The serving sidecar passes its Prometheus metrics
+    (``pluginchain._metrics.EngineMetrics``); compiling anywhere else observes nothing, so
+    checking a chain never creates metric series."""
+
+    def plugin_latency(self, chain: str, plugin: str) -> Histogram: ...
+
+    def plugin_outcome(self, chain: str, plugin: str, outcome: str) -> Counter: ...
+
+    def stage_latency(self, chain: str) -> Histogram: ...
+
+
+class _Ignored:
+    """A counter and histogram that keep nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+class NotObserved:
+    """The observer of plans that do not serve: every metric is :class:`_Ignored`."""
+
+    _IGNORED = _Ignored()
+
+    def plugin_latency(self, chain: str, plugin: str) -> Histogram:
+        return self._IGNORED
+
+    def plugin_outcome(self, chain: str, plugin: str, outcome: str) -> Counter:
+        return self._IGNORED
+
+    def stage_latency(self, chain: str) -> Histogram:
+        return self._IGNORED
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +116,16 @@ class StageResult:
 
 
 class _Member:
-    """A plugin instance with its metric children bound once, at compile time."""
+    """A plugin instance with what it needs and its metric children, settled once, at compile time."""
 
-    __slots__ = ("plugin", "latency", "outcomes", "chain")
+    __slots__ = ("plugin", "suspends", "latency", "outcomes")
 
-    def __init__(self, plugin: Plugin, chain: str):
+    def __init__(self, plugin: Plugin, needs: Needs, chain: str, observer: Observer):
         self.plugin = plugin
-        self.chain = chain
-        self.latency = metrics.PLUGIN_LATENCY.labels(chain, plugin.id)
+        self.suspends = needs.suspends
+        self.latency = observer.plugin_latency(chain, plugin.id)
         self.outcomes = {
-            outcome: metrics.PLUGIN_DECISIONS.labels(chain, plugin.id, outcome)
+            outcome: observer.plugin_outcome(chain, plugin.id, outcome)
             for outcome in ("allow", "reject", "error", "fail_open")
         }
 
@@ -88,23 +133,26 @@ class _Member:
 class CompiledChain:
     """One chain's execution plan: groups per stage and the phases it needs."""
 
-    def __init__(self, name: str, plugins: list[Plugin]):
+    def __init__(self, name: str, plugins: Sequence[tuple[Plugin, Needs]], observer: Observer | None = None):
+        observer = observer or NotObserved()
         self.name = name
-        self.plugins = tuple(plugins)
-        self._members = {plugin.id: _Member(plugin, name) for plugin in plugins}
-        self.stages: dict[Stage, tuple[Group, ...]] = {stage: _group(p for p in plugins if p.stage is stage) for stage in Stage}
-        needs = BodyNeeds()
-        for plugin in plugins:
-            needs = needs | plugin.body_needs()
+        self.plugins = tuple(plugin for plugin, _ in plugins)
+        self._members = {plugin.id: _Member(plugin, needs, name, observer) for plugin, needs in plugins}
+        self.stages: dict[Stage, tuple[Group, ...]] = {
+            stage: _group(p for p in self.plugins if p.stage is stage) for stage in Stage
+        }
+        needs = Needs(suspends=False)
+        for _, plugin_needs in plugins:
+            needs = needs | plugin_needs
         has_post = bool(self.stages[Stage.POST_REQUEST])
         self.phases = Phases(
-            request_headers=bool(self.stages[Stage.PRE_REQUEST]) or needs.request,
-            request_body=needs.request,
+            request_headers=bool(self.stages[Stage.PRE_REQUEST]) or needs.request_body,
+            request_body=needs.request_body,
             # The error stage also runs on upstream 5xx, which only the response headers show.
-            response_headers=has_post or bool(self.stages[Stage.ERROR]) or needs.response,
-            response_body=needs.response,
+            response_headers=has_post or bool(self.stages[Stage.ERROR]) or needs.response_body,
+            response_body=needs.response_body,
         )
-        self._chain_latency = metrics.CHAIN_LATENCY.labels(name)
+        self._chain_latency = observer.stage_latency(name)
 
     def __repr__(self) -> str:
         return f"CompiledChain({self.name!r}, plugins={[p.id for p in self.plugins]})"
@@ -150,14 +198,14 @@ class CompiledChain:
 
     async def _run_group(self, group: Group, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
         for plugin in group.sequential:
-            stop = await self._run_one(plugin, stage, exchange, failures)
-            if stop is not None:
-                return stop
+            rejection = await self._run_one(plugin, stage, exchange, failures)
+            if rejection is not None:
+                return rejection
         if len(group.parallel) == 1:
             return await self._run_one(group.parallel[0], stage, exchange, failures)
         if not group.parallel:
             return None
-        if not any(plugin.suspends for plugin in group.parallel):
+        if not any(self._members[plugin.id].suspends for plugin in group.parallel):
             return self._run_inline(group.parallel, stage, exchange, failures)
         views = [PluginData(stage, exchange) for _ in group.parallel]
         tasks = [
@@ -223,7 +271,7 @@ class CompiledChain:
     async def _execute(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
         """Run one plugin under its timeout; never raises except for cancellation."""
         plugin = member.plugin
-        if not plugin.suspends:
+        if not member.suspends:
             return self._execute_inline(member, data, exchange)
         settings = plugin.settings
         ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + settings.timeout)
@@ -282,14 +330,14 @@ class CompiledChain:
         return failure
 
 
-def _run_to_completion(coroutine):
+def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:
     """Drive a coroutine that never suspends; one that does is a plugin bug, reported as such."""
     try:
         coroutine.send(None)
-    except StopIteration as finished:
-        return finished.value
+    except StopIteration:
+        return
     coroutine.close()
-    raise RuntimeError("a plugin declared `suspends = False` but awaited")
+    raise RuntimeError("a plugin said it never suspends but awaited (`suspends = False`, or suspends=False in its needs())")
 
 
 def failure_response(failure: Failure) -> Reject:
@@ -318,8 +366,9 @@ class Plan:
                     logger.exception("closing plugin %s of chain %s failed", plugin.id, chain.name)
 
 
-def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry) -> Plan:
-    """Build plugin instances and groups for validated chains; raise ConfigError if one cannot be built.
+def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry, observer: Observer | None = None) -> Plan:
+    """Build plugin instances and groups for validated chains; raise ConfigError if one cannot be
+    built or asks for more than its class declares. ``observer``: see :class:`Observer`.
 
     Plugin constructors open no connections (those are made on first use), so a plan that fails
     to build half-way leaves nothing to close.
@@ -327,7 +376,7 @@ def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry)
     compiled: dict[str, CompiledChain] = {}
     issues: list[ConfigIssue] = []
     for chain in chains.values():
-        plugins = []
+        plugins: list[tuple[Plugin, Needs]] = []
         for validated in chain.plugins:
             entry = validated.entry
             if not entry.enabled:
@@ -345,17 +394,33 @@ def compile_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry)
             )
             try:
                 plugin = plugin_class(validated.config, settings)
+                needs = _needs_of(plugin)
             except Exception as error:
                 issues.append(ConfigIssue(validated.path, f"cannot build plugin: {error}"))
                 continue
-            plugins.append(plugin)
-        compiled[chain.name] = CompiledChain(chain.name, plugins)
+            plugins.append((plugin, needs))
+        compiled[chain.name] = CompiledChain(chain.name, plugins, observer)
     if issues:
         raise ConfigError(issues)
     return Plan(compiled)
 
 
-def _group(plugins) -> tuple[Group, ...]:
+def _needs_of(plugin: Plugin) -> Needs:
+    """The instance's :meth:`Plugin.needs`, held to what its class declares."""
+    needs = plugin.needs()
+    if not isinstance(needs, Needs):
+        raise TypeError(f"needs() must return pluginchain.Needs, got {type(needs).__name__}")
+    declared = type(plugin)
+    if (needs.request_body or needs.response_body) and not declared.reads_body:
+        raise ValueError("needs() asks for a body, but the class declares reads_body = False")
+    if needs.suspends and not declared.suspends:
+        raise ValueError("needs() says it suspends, but the class declares suspends = False")
+    if needs.response_body and plugin.stage is Stage.PRE_REQUEST:
+        raise ValueError("needs() asks for the response body in pre_request, before there is a response")
+    return needs
+
+
+def _group(plugins: Iterable[Plugin]) -> tuple[Group, ...]:
     by_priority: dict[int, list[Plugin]] = {}
     for plugin in plugins:
         by_priority.setdefault(plugin.priority, []).append(plugin)

@@ -26,14 +26,14 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from prometheus_client import Counter
 
-from pluginchain._engine.plan import Plan, compile_plan
-from pluginchain._sidecar.plans import PlanHolder
-from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.issues import ConfigError, ConfigIssue
 from pluginchain._config.models import ValidatedChain
+from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.wire import chain_to_wire, validate_chain_set, wire_sources
+from pluginchain._engine.plan import Plan
+from pluginchain._metrics import PUSHES
+from pluginchain._sidecar.plans import PlanHolder, serving_plan
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.config")
@@ -45,11 +45,6 @@ STATE_FILE_KIND = "pluginchain.v1.ChainSet"
 # refusal the operator cannot read is worse than a shortened one.
 _MAX_DETAILS_CHARS = 6000
 
-PUSHES = Counter(
-    "pluginchain_config_pushes",
-    "ConfigService Apply calls by result: applied, unchanged, invalid, stale, unauthenticated, failed.",
-    ["result"],
-)
 
 
 class Refused(Exception):
@@ -270,7 +265,7 @@ class StateFile:
             raise StateFileError(f"state file {self.path} holds no version")
         try:
             chains = validate_chain_set(chain_set, registry)
-            plan = compile_plan(chains, registry)
+            plan = serving_plan(chains, registry)
         except ConfigError as error:
             # E.g. a custom plugin that is no longer installed.
             raise StateFileError(
@@ -356,7 +351,7 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
                 "stale",
             )
         try:
-            plan = compile_plan(chains, self._registry)
+            plan = serving_plan(chains, self._registry)
         except ConfigError as error:
             raise _invalid_push(error, version, active.version) from None
         saved = config_pb2.ChainSet()

@@ -17,13 +17,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from prometheus_client import Counter
 
 from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stage
-from pluginchain.plugins._content_coding import readable_accept_encoding
-from pluginchain._engine.plan import CompiledChain
-from pluginchain._sidecar.plans import PlanHolder
 from pluginchain._config.models import DEFAULT_CHAIN
+from pluginchain._engine.plan import CompiledChain
+from pluginchain._metrics import REQUESTS
+from pluginchain._sidecar.plans import PlanHolder
+from pluginchain.plugins._content_coding import readable_accept_encoding
 
 logger = logging.getLogger("pluginchain.extproc")
 
@@ -31,11 +31,6 @@ CHAIN_METADATA_KEY = "x-pluginchain-chain"
 SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
-REQUESTS = Counter(
-    "pluginchain_requests",
-    "HTTP requests seen by the sidecar, by chain and outcome: allow, reject, error, cancelled.",
-    ["chain", "outcome"],
-)
 
 _Mode = processing_mode_pb2.ProcessingMode
 _CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())

@@ -14,7 +14,12 @@ import httpx
 import yaml
 
 from pluginchain._sidecar.envoy_config import EnvoySettings, render
-from pluginchain._sidecar.server import Sidecar, SidecarSettings, signal_handlers, tune_garbage_collection_for_serving
+from pluginchain._sidecar.server import (
+    Sidecar,
+    SidecarSettings,
+    signal_handlers,
+    tune_garbage_collection_for_serving,
+)
 
 logger = logging.getLogger("pluginchain.gateway")
 

@@ -12,20 +12,23 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator
 
-from prometheus_client import Counter, Gauge
-
-from pluginchain._engine.plan import Plan, compile_plan
-from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.files import load_file
 from pluginchain._config.issues import ConfigError
+from pluginchain._config.models import ValidatedChain
+from pluginchain._config.registry import PluginRegistry
+from pluginchain._engine.plan import Plan, compile_plan
+from pluginchain._metrics import PLAN_VERSION, RELOADS, EngineMetrics
 
 logger = logging.getLogger("pluginchain.reload")
 
-RELOADS = Counter("pluginchain_config_reloads", "Config reload attempts by result: applied, invalid or unchanged.", ["result"])
-PLAN_VERSION = Gauge("pluginchain_config_version", "Version of the plan that serves new requests.")
+
+
+def serving_plan(chains: Mapping[str, ValidatedChain], registry: PluginRegistry) -> Plan:
+    """Compile ``chains`` for this sidecar to serve: with its metrics bound (see ``compile_plan``)."""
+    return compile_plan(chains, registry, EngineMetrics())
 
 
 class PlanHolder:
@@ -115,7 +118,7 @@ class ChainFileWatcher:
                 return False
             self._digest = digest
             try:
-                plan = compile_plan(load_file(self.path, self.registry), self.registry)
+                plan = serving_plan(load_file(self.path, self.registry), self.registry)
             except ConfigError as error:
                 RELOADS.labels("invalid").inc()
                 logger.error("chain file change rejected; keeping plan version %d\n%s", self.holder.version, error.render())

@@ -19,13 +19,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
-from pluginchain._sidecar.config_service import SERVICE_NAME as CONFIG_SERVICE
-from pluginchain._sidecar.config_service import ActiveConfig, ConfigGuard, ConfigService, StateFile, StateFileError, TokenFile
-from pluginchain._engine.plan import Plan, compile_plan
-from pluginchain._sidecar.extproc import ExternalProcessor, Limits
-from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder
-from pluginchain._config.registry import default_registry
 from pluginchain._config.files import load_file
+from pluginchain._config.registry import default_registry
+from pluginchain._engine.plan import Plan
+from pluginchain._sidecar.config_service import SERVICE_NAME as CONFIG_SERVICE
+from pluginchain._sidecar.config_service import (
+    ActiveConfig,
+    ConfigGuard,
+    ConfigService,
+    StateFile,
+    StateFileError,
+    TokenFile,
+)
+from pluginchain._sidecar.extproc import ExternalProcessor, Limits
+from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder, serving_plan
 from pluginchain.v1 import config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.server")
@@ -116,7 +123,7 @@ class Sidecar:
         else:
             assert settings.config is not None
             # A bad file at start-up is fatal: there is no good plan to keep serving.
-            self.plans = PlanHolder(compile_plan(load_file(settings.config, self.registry), self.registry))
+            self.plans = PlanHolder(serving_plan(load_file(settings.config, self.registry), self.registry))
             self.watcher = ChainFileWatcher(settings.config, self.registry, self.plans, settings.reload_interval)
         self.health = HealthServicer()
         self.config_health = HealthServicer()
@@ -150,7 +157,7 @@ class Sidecar:
         if settings.config is not None:
             # A bad chain file is fatal here as in file mode: there is no good plan to serve.
             chains = load_file(settings.config, self.registry)
-            return compile_plan(chains, self.registry), ActiveConfig.from_file(chains, settings.config)
+            return serving_plan(chains, self.registry), ActiveConfig.from_file(chains, settings.config)
         logger.warning("serving no chains: every request gets 500 until the operator pushes a chain set")
         return Plan({}), ActiveConfig.empty()
 

@@ -22,7 +22,16 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, Plugin, PluginConfig, PluginContext, PluginData, Reject, Stage
+from pluginchain._api.plugin import (
+    BodyNotJSON,
+    BodyTooDeep,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    PluginData,
+    Reject,
+    Stage,
+)
 from pluginchain.plugins._llm_text import conversation_chars, message_count
 
 _ECHO_LIMIT = 100

@@ -45,10 +45,11 @@ from urllib.parse import unquote, urlsplit
 import httpx
 from pydantic import field_validator
 
+from pluginchain._api.durations import Duration
 from pluginchain._api.plugin import (
-    BodyNeeds,
     BodyNotJSON,
     InstanceSettings,
+    Needs,
     Plugin,
     PluginConfig,
     PluginContext,
@@ -56,7 +57,6 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
-from pluginchain._api.durations import Duration
 
 DEFAULT_URL = "http://127.0.0.1:8090/validate"
 
@@ -208,12 +208,12 @@ class ExternalValidator(Plugin):
         self._send_body = "body" in config.send
         self._client: httpx.AsyncClient | None = None
 
-    def body_needs(self) -> BodyNeeds:
-        if not self._send_body:
-            return BodyNeeds()
-        if self.stage == Stage.POST_REQUEST:
-            return BodyNeeds(request=True, response=True)
-        return BodyNeeds(request=True)
+    def needs(self) -> Needs:
+        # In post_request the service is sent the request as well as the response.
+        return Needs(
+            request_body=self._send_body,
+            response_body=self._send_body and self.stage is Stage.POST_REQUEST,
+        )
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         payload: dict[str, Any] = {"stage": str(data.stage), "chain": ctx.chain, "request_id": ctx.request_id}

@@ -17,6 +17,9 @@ in Redis/Valkey and decides with one Lua script on the server clock, so all repl
 limit. When Redis cannot answer in time, ``on_backend_error`` decides, and the failure is logged
 and counted.
 
+Tests may give the limiter a clock of their own (``clock=``); the memory backend then counts on
+it, and the Redis script takes "now" from it instead of the server clock.
+
 The bucket key is a SHA-256 of (chain, plugin id, key value): API keys and addresses never reach
 Redis or memory dumps in the clear.
 """
@@ -29,17 +32,19 @@ import json
 import math
 import time
 import weakref
+from collections.abc import Callable
 from typing import Literal
 
-from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from pluginchain._api.durations import Duration, format_duration
 from pluginchain._api.plugin import (
     InstanceSettings,
+    Needs,
     Plugin,
     PluginConfig,
     PluginContext,
@@ -47,13 +52,7 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
-from pluginchain._api.durations import Duration, format_duration
-
-BACKEND_ERRORS = Counter(
-    "pluginchain_rate_limiter_backend_errors",
-    "Rate limit decisions the backend (Redis) could not make, by what on_backend_error decided.",
-    ["chain", "plugin", "decision"],
-)
+from pluginchain._metrics import RATE_LIMITER_BACKEND_ERRORS
 
 REDIS_MAX_CONNECTIONS = 32
 """Connections one ``redis`` limiter opens at most; decisions beyond that many at once queue for
@@ -146,7 +145,8 @@ class _Verdict:
 
 
 class _MemoryBuckets:
-    """TAT per bucket key for one (chain, plugin id, limit, window), in monotonic microseconds."""
+    """TAT per bucket key for one (chain, plugin id, limit, window, clock), in microseconds of
+    that clock."""
 
     _SWEEP_EVERY = 1024
 
@@ -156,9 +156,8 @@ class _MemoryBuckets:
         self._tat: dict[str, int] = {}
         self._decisions_since_sweep = 0
 
-    def decide(self, bucket: str, interval: int, capacity: int) -> _Verdict:
+    def decide(self, bucket: str, interval: int, capacity: int, now: int) -> _Verdict:
         # No await in here: on one event loop this read-modify-write cannot interleave.
-        now = time.monotonic_ns() // 1000
         self._decisions_since_sweep += 1
         # Sweeping costs one pass over the dict; spacing sweeps by its size keeps that O(1) per
         # decision while holding at most about twice the live buckets.
@@ -176,22 +175,28 @@ class _MemoryBuckets:
         self._tat = {bucket: tat for bucket, tat in self._tat.items() if tat > now}
 
 
-# Buckets outlive a plugin instance while any instance with the same identity and rate exists,
-# so a plan reload that keeps the entry keeps its counts; unused stores go with their instances.
-_MEMORY_STORES: weakref.WeakValueDictionary[tuple[str, str, int, float], _MemoryBuckets] = (
-    weakref.WeakValueDictionary()
-)
+# Buckets outlive a plugin instance while any instance with the same identity, rate and clock
+# exists, so a plan reload that keeps the entry keeps its counts; unused stores go with their
+# instances. The clock is part of the key because TATs of one clock mean nothing to another; in
+# production it is always None (time.monotonic).
+_MEMORY_STORES: weakref.WeakValueDictionary[
+    tuple[str, str, int, float, Callable[[], float] | None], _MemoryBuckets
+] = weakref.WeakValueDictionary()
 
 # KEYS[1]: the bucket. ARGV[1]: emission interval, ARGV[2]: capacity (limit * interval), both in
-# microseconds. Returns {admitted (1/0), microseconds until the bucket is full}. The server clock
+# microseconds; ARGV[3], optional: "now" in microseconds, from a clock given to the limiter (tests).
+# Returns {admitted (1/0), microseconds until the bucket is full}. Without ARGV[3] the server clock
 # makes every replica agree on "now". TAT values (~1.7e15) fit a Lua double exactly; formatting
 # them with '%d' keeps every digit, which Lua 5.1's own number-to-string (14 digits) would not.
 _GCRA_SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local interval = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now = tonumber(ARGV[3])
+if not now then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local next_tat = tat + interval
@@ -215,8 +220,20 @@ class RateLimiter(Plugin):
 
     config: RateLimiterConfig
 
-    def __init__(self, config: RateLimiterConfig, settings: InstanceSettings):
+    def __init__(
+        self,
+        config: RateLimiterConfig,
+        settings: InstanceSettings,
+        *,
+        clock: Callable[[], float] | None = None,
+    ):
+        """``clock`` returns monotonic seconds as a float; it is for tests, which step it instead
+        of sleeping. None: time.monotonic for memory; the Redis server's clock for redis. Either
+        way it also spaces the backend-error warnings."""
         super().__init__(config, settings)
+        self._clock = clock or time.monotonic
+        # None: the Lua script reads the server clock, which all replicas share.
+        self._redis_clock = clock
         self._interval = max(1, round(config.window * _MICROS / config.limit))
         self._capacity = self._interval * config.limit
         self._header = config.key.removeprefix("header:") if config.key.startswith("header:") else None
@@ -231,10 +248,8 @@ class RateLimiter(Plugin):
         self._suppressed_warnings = 0
         self._memory: _MemoryBuckets | None = None
         self._redis: Redis | None = None
-        # In memory a decision never awaits, so the engine may run it inline.
-        self.suspends = config.backend == "redis"
         if config.backend == "memory":
-            store_key = (settings.chain, settings.id, config.limit, config.window)
+            store_key = (settings.chain, settings.id, config.limit, config.window, clock)
             self._memory = _MEMORY_STORES.get(store_key)
             if self._memory is None:
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
@@ -254,17 +269,21 @@ class RateLimiter(Plugin):
             )
             self._redis = Redis.from_pool(pool)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
-            self._allowed_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "allow")
-            self._denied_on_error = BACKEND_ERRORS.labels(settings.chain, settings.id, "deny")
+
+    def needs(self) -> Needs:
+        # In memory a decision never awaits, so the engine may run it inline.
+        return Needs(suspends=self.config.backend == "redis")
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         bucket = self._global_bucket or self._bucket_for(self._key_value(data))
         if self._memory is not None:
-            verdict = self._memory.decide(bucket, self._interval, self._capacity)
+            verdict: _Verdict | None = self._memory.decide(
+                bucket, self._interval, self._capacity, _micros(self._clock())
+            )
         else:
             verdict = await self._decide_in_redis(ctx, bucket)
-            if verdict is None:
-                return
+        if verdict is None:  # Redis failed and on_backend_error allowed the request.
+            return
         limit = self.config.limit
         reset = str(_ceil_seconds(verdict.until_full))
         if not verdict.admitted:
@@ -302,13 +321,17 @@ class RateLimiter(Plugin):
 
     async def _decide_in_redis(self, ctx: PluginContext, bucket: str) -> _Verdict | None:
         """The verdict, or ``None`` when Redis failed and ``on_backend_error`` allows the request."""
+        args = [self._interval, self._capacity]
+        if self._redis_clock is not None:
+            args.append(_micros(self._redis_clock()))
         try:
             async with asyncio.timeout(self.config.redis_timeout):
-                admitted, until_full = await self._script(keys=[bucket], args=[self._interval, self._capacity])
+                admitted, until_full = await self._script(keys=[bucket], args=args)
             return _Verdict(bool(admitted), int(until_full))
         except (RedisError, OSError, TimeoutError) as error:
             deny = self.config.on_backend_error == "deny"
-            (self._denied_on_error if deny else self._allowed_on_error).inc()
+            # Bound here, not when built: a plan compiled only to be checked creates no series.
+            RATE_LIMITER_BACKEND_ERRORS.labels(self.settings.chain, self.settings.id, "deny" if deny else "allow").inc()
             self._warn_backend_error(ctx, error, deny)
             if deny:
                 raise Reject(
@@ -320,7 +343,7 @@ class RateLimiter(Plugin):
             return None
 
     def _warn_backend_error(self, ctx: PluginContext, error: Exception, deny: bool) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_warning_at < _WARNING_INTERVAL:
             self._suppressed_warnings += 1
             return
@@ -334,6 +357,11 @@ class RateLimiter(Plugin):
             "denied" if deny else "allowed",
             f" ({suppressed} similar warnings suppressed)" if suppressed else "",
         )
+
+
+def _micros(seconds: float) -> int:
+    # Rounded, not truncated: a clock stepped by 0.7 s reads 0.7 * 1e6 = 699999.99...
+    return round(seconds * _MICROS)
 
 
 def _ceil_seconds(micros: int) -> int:
