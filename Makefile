@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Every check: the layers (import-linter, contracts in pyproject.toml), types, lint, then the tests.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # The local gateway: the demo upstream in the background, Envoy + sidecar in the foreground.

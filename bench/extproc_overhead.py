@@ -32,11 +32,12 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from bare_processor import BareProcessor
+from run_bench import API_KEY, PATH, chat_body
+
 from pluginchain._config.files import load_file
 from pluginchain._config.registry import default_registry
 from pluginchain._sidecar.extproc import ExternalProcessor
 from pluginchain._sidecar.plans import PlanHolder, serving_plan
-from run_bench import API_KEY, PATH, chat_body
 
 
 def envoy_messages(mode: str, request_number: int) -> list[pb.ProcessingRequest]:

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.cluster import Cluster  # noqa: E402
-from tests.support.harness import BIN, Process, wait_until  # noqa: E402
-from tests.support.sidecars import TOKEN, Sidecar, add_pods  # noqa: E402
+from tests.support.cluster import Cluster
+from tests.support.harness import BIN, Process, wait_until
+from tests.support.sidecars import TOKEN, Sidecar, add_pods
 
 LABELS = {"app": "bench-gateway"}
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
 from pluginchain._sidecar.envoy_config import EXT_PROC_FILTER, EnvoySettings, render
 from pluginchain._sidecar.gateway import envoy_binary
 
@@ -106,7 +107,7 @@ class Proc:
         self.name = name
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
@@ -668,7 +669,7 @@ def print_profile(path: Path, limit: int = 25) -> None:
     total = stats.total_tt  # type: ignore[attr-defined]
     print(f"\n=== {path.name}: total {total:.2f} s profiled ===")
     rows = []
-    for (filename, line, function), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (filename, line, function), (_calls, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append((tt, ct, nc, f"{_short(filename)}:{line}({function})"))
     print(f"{'tottime %':>9} {'cumtime %':>9} {'calls':>9}  function   (by own time)")
     for tt, ct, nc, name in sorted(rows, reverse=True)[:limit]:
@@ -844,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         failed = True
-    except Exception as error:  # noqa: BLE001 - reported, then everything is stopped
+    except Exception as error:
         print(f"\nerror: {error}", file=sys.stderr)
         failed = True
     finally:

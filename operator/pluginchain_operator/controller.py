@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+
 from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.wire import chain_to_wire
 from pluginchain.v1 import config_pb2
-
 from pluginchain_operator.kube import KubeClient
 from pluginchain_operator.pushing import (
     PushCredentials,
@@ -243,7 +243,7 @@ class Controller:
                 return state
             # Under the pod's lock: never older than what this sidecar already acknowledged.
             version = max(version or self._next_version(), state.version + 1)
-            chain_set = config_pb2.ChainSet(version=version, chains=[r.message for r in winners])
+            chain_set = config_pb2.ChainSet(version=version, chains=[r.message for r in winners if r.message is not None])
             last_error = None
             for attempt in range(self.push_attempts):
                 try:
@@ -329,7 +329,7 @@ class Controller:
             status["observedGeneration"] = record.generation
         return status
 
-    async def write_status(self, record: ChainRecord, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def write_status(self, record: ChainRecord, body: kopf.Body | None = None) -> dict[str, Any]:
         """Patch the PluginChain's status if it changed; post an Event when it turned unready."""
         status = self.status_of(record)
         previous = self._written.get(record.key)

@@ -55,8 +55,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def reconcile_chain(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile_chain(*, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Validate, compile and push a PluginChain to every sidecar it selects; report per pod."""
+    namespace = namespace or ""  # PluginChains are namespaced; kopf's signature allows None
     controller: Controller = memo.controller
     previous = controller.chains.get((namespace, name))
     previously_selected = set(previous.selected) if previous else set()
@@ -75,14 +76,14 @@ async def reconcile_chain(body: kopf.Body, namespace: str, name: str, memo: kopf
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete_chain(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def delete_chain(*, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Push every affected sidecar its chain set without this chain.
 
     Best effort: an unreachable sidecar gets its full set when it is reachable again, so
     deletion is never blocked by it.
     """
     controller: Controller = memo.controller
-    record = controller.forget_chain(namespace, name)
+    record = controller.forget_chain(namespace or "", name)
     if record is None:
         return
     affected = record.selected | set(controller.selected_pods(record))
@@ -102,7 +103,7 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
             record.selected.discard(key)
             await controller.write_status(record)
         return
-    _, needs_push = controller.update_pod(body)
+    needs_push = controller.update_pod(body)[1]
     owners = controller.chains_selecting(key)
     if not owners:
         return

@@ -26,11 +26,11 @@ class KubeClient:
         if info.insecure:
             return False
         context = ssl.create_default_context(
-            cafile=info.ca_path,  # type: ignore[arg-type]
+            cafile=info.ca_path,
             cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
         )
         if info.certificate_path and info.private_key_path:
-            context.load_cert_chain(info.certificate_path, info.private_key_path)  # type: ignore[arg-type]
+            context.load_cert_chain(info.certificate_path, info.private_key_path)
         return context
 
     def _headers(self) -> dict[str, str]:

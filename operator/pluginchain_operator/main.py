@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so `pluginchain --help` and the sidecar's commands do not load kopf.
     import kopf
+
     from pluginchain import _logs as logs
     from pluginchain._config.registry import default_registry
-
     from pluginchain_operator import handlers  # noqa: F401  (importing registers the kopf handlers)
     from pluginchain_operator.controller import Controller
     from pluginchain_operator.pushing import PushCredentials

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
 from pluginchain.v1 import config_pb2, config_pb2_grpc
 
 

@@ -3,10 +3,13 @@ operator's validation, built on the same plugin-entry model the sidecar validate
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from pluginchain._config.issues import ConfigError, ConfigIssue, Path, pydantic_issues
 from pluginchain._config.models import (
     CHAIN_NAME,
@@ -17,7 +20,6 @@ from pluginchain._config.models import (
 from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.validation import validate_chain
 from pluginchain._engine.plan import compile_plan
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 GROUP = "pluginchain.io"
 VERSION = "v1alpha1"
@@ -133,7 +135,7 @@ def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[st
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError:
         return None  # not a manifest stream: the chain-file parser says what is wrong
-    resources = []
+    resources: list[dict[str, Any]] = []
     for document in documents:
         if isinstance(document, dict) and isinstance(document.get("items"), list):  # a List
             resources.extend(item for item in document["items"] if isinstance(item, dict) and item.get("kind") == KIND)
@@ -144,7 +146,7 @@ def manifest_chains(text: str, source: str, registry: PluginRegistry) -> dict[st
     chains: dict[str, dict[str, ValidatedChain]] = {}
     issues: list[ConfigIssue] = []
     for resource in resources:
-        metadata = resource.get("metadata") if isinstance(resource.get("metadata"), dict) else {}
+        metadata = resource["metadata"] if isinstance(resource.get("metadata"), dict) else {}
         name = f"{metadata['namespace']}/{metadata.get('name', '?')}" if metadata.get("namespace") else metadata.get("name", "?")
         label = f"{KIND} {name}"
         if resource.get("apiVersion") != f"{GROUP}/{VERSION}":

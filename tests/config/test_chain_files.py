@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from pluginchain._config.files import load_file, parse_text
 from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import default_registry
 from pluginchain._config.validation import validate_document
 from pluginchain._engine.plan import compile_plan
-
 from tests.support.scripted import scripted_registry
 
 EXAMPLES = Path(__file__).parents[2] / "examples"

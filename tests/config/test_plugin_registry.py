@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from pluginchain import Needs, Plugin, PluginConfig
 from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import (

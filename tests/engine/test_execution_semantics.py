@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from pluginchain import Exchange, HttpMessage, Stage
 from pluginchain._config.validation import validate_document
 from pluginchain._engine.plan import compile_plan
-
 from tests.support.scripted import scripted_registry
 
 

@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 import yaml
+
 from pluginchain._sidecar.envoy_config import EnvoySettings
 from pluginchain._sidecar.envoy_config import render as render_envoy
 from pluginchain._sidecar.gateway import envoy_binary
-
 from tests.helm.chart import REALISTIC, ROOT, render
 
 # Chart values, and the settings the local gateway would be given for the same gateway. In a pod,

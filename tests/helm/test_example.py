@@ -7,6 +7,7 @@ from __future__ import annotations
 import json5
 import jsonschema
 import yaml
+
 from pluginchain._config.registry import default_registry
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import (
@@ -16,7 +17,6 @@ from pluginchain_operator.resources import (
     LabelSelector,
     check_spec,
 )
-
 from tests.helm.chart import ROOT, render
 
 EXAMPLE = ROOT / "examples" / "pluginchain.yaml"

@@ -19,13 +19,13 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pluginchain._config.registry import default_registry
 from pluginchain._config.validation import validate_document
 from pluginchain._config.wire import chain_to_wire
 from pluginchain._sidecar.gateway import envoy_binary
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.pushing import PushCredentials, apply
-
 from tests.helm.chart import container_port, render
 from tests.support.harness import BIN, Process, free_port, start_upstream, wait_until
 

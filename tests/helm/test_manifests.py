@@ -12,9 +12,9 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+
 from pluginchain_operator.crd import render_crd
 from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION, LabelSelector
-
 from tests.helm.chart import (
     CHART,
     NAMESPACE,

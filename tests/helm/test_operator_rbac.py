@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION
 
+from pluginchain_operator.resources import CONFIG_PORT_ANNOTATION
 from tests.helm.chart import container, render
 from tests.helm.kube import FullCluster
 from tests.support.cluster import RecordedRequest

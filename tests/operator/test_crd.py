@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from pluginchain_operator.crd import CRD_PATH, render_crd
 
 ROOT = Path(__file__).parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from pluginchain.v1 import config_pb2, config_pb2_grpc
 
+from pluginchain.v1 import config_pb2, config_pb2_grpc
 from tests.support.harness import Gateway, start_upstream, wait_until
 from tests.support.sidecars import TOKEN, add_pods, ready_condition
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import default_registry
 from pluginchain_operator.resources import LabelSelector, check_spec, manifest_chains
-
 from tests.support.scripted import scripted_registry
 
 SELECTOR = {"matchLabels": {"app": "gateway"}}

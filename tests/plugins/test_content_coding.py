@@ -6,6 +6,7 @@ import gzip
 import zlib
 
 import pytest
+
 from pluginchain.plugins._content_coding import (
     MAX_INFLATED_BYTES,
     UnreadableBody,

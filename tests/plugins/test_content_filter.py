@@ -7,11 +7,12 @@ import json
 import time
 
 import pytest
+from pydantic import ValidationError
+
 from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
 from pluginchain._config.issues import pydantic_issues
 from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
-from pydantic import ValidationError
 
 
 def chat(*contents, model="gpt-4o") -> bytes:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
+
 from pluginchain import MAX_JSON_DEPTH, Reject
 from pluginchain._config.issues import pydantic_issues
 from pluginchain.plugins.content_validator import ContentValidator
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
-from pydantic import ValidationError
 
 
 def chat(messages=1, content="hi", model="gpt-4o", **extra) -> bytes:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
+
 from pluginchain import Needs, Reject, Stage
 from pluginchain.plugins.external_validator import (
     DEFAULT_URL,
@@ -19,7 +21,6 @@ from pluginchain.plugins.external_validator import (
     ExternalValidatorUnavailable,
 )
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
-from pydantic import ValidationError
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
 

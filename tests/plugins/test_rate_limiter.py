@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from pluginchain import InstanceSettings, PluginData, Reject, Stage
-from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
-from pluginchain.testing import make_exchange, run_plugin
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from pluginchain import InstanceSettings, PluginData, Reject, Stage
+from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
+from pluginchain.testing import make_exchange, run_plugin
 from tests.support.harness import free_port
 
 BACKENDS = ["memory", "redis"]

@@ -19,10 +19,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pluginchain._sidecar.server import EXT_PROC_SERVICE, Sidecar, SidecarSettings
 from pluginchain.cli import main
 from pluginchain.v1 import config_pb2, config_pb2_grpc
-
 from tests.support.extproc import PLUGINS, request_headers
 
 Mode = processing_mode_pb2.ProcessingMode

@@ -14,6 +14,7 @@ import httpx
 import kmock
 import yaml
 from kmock._internal import parsing
+
 from pluginchain_operator.resources import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
 
 _original_parse_path = parsing.parse_path
@@ -162,4 +163,4 @@ class Cluster:
 def _timestamp() -> str:
     import datetime
 
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

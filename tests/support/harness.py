@@ -16,6 +16,7 @@ import grpc
 import httpx
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pluginchain._sidecar.envoy_config import EnvoySettings, render
 from pluginchain._sidecar.gateway import envoy_binary
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from pluginchain.v1 import config_pb2, config_pb2_grpc
 
+from pluginchain.v1 import config_pb2, config_pb2_grpc
 from tests.support.cluster import Cluster
 from tests.support.harness import BIN, Process, free_port, sidecar_serving, wait_until
 

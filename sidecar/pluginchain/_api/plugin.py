@@ -20,8 +20,9 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, MutableMapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -105,8 +106,8 @@ def parse_json(raw: bytes | str) -> Any:
     except ValueError as error:  # UnicodeDecodeError included
         raise BodyNotJSON(f"body is not valid JSON: {error}") from None
     # Fewer brackets than the limit cannot nest deeper than it: the usual case costs two counts.
-    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
-    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nests_deeper_than(document, MAX_JSON_DEPTH):
+    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if brackets > MAX_JSON_DEPTH and _nests_deeper_than(document, MAX_JSON_DEPTH):
         raise BodyTooDeep(too_deep)
     return document
 
@@ -115,7 +116,7 @@ def _nests_deeper_than(document: Any, limit: int) -> bool:
     # Level by level, each container once, no recursion: the check must not be what overflows.
     level = [document]
     for _ in range(limit):
-        deeper = []
+        deeper: list[Any] = []
         for value in level:
             children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
             deeper.extend(child for child in children if isinstance(child, (dict, list)))
@@ -270,10 +271,10 @@ class PluginContext:
         self.plugin_id = plugin_id
         self.deadline = deadline
         """``loop.time()`` by which the plugin is cancelled."""
-        self._logger: logging.LoggerAdapter | None = None
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
-    def logger(self) -> logging.LoggerAdapter:
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         """Logs with the chain, request id and plugin id attached; never log secrets or bodies."""
         if self._logger is None:
             extra = {"chain": self.chain, "request_id": self.request_id, "plugin": self.plugin_id}

@@ -12,9 +12,10 @@ import importlib.util
 import inspect
 import re
 import sys
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterable
+from types import ModuleType
 
 from pydantic import BaseModel
 
@@ -102,7 +103,7 @@ def default_registry(plugin_modules: Iterable[str] = ()) -> PluginRegistry:
     return registry
 
 
-def _import(module_ref: str):
+def _import(module_ref: str) -> ModuleType:
     path = Path(module_ref)
     if module_ref.endswith(".py"):
         if not path.is_file():

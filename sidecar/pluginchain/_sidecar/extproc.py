@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import (
+    ProcessingMode as _Mode,
+)
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -32,7 +34,6 @@ SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 
-_Mode = processing_mode_pb2.ProcessingMode
 _CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())

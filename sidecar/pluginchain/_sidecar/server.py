@@ -12,6 +12,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -119,6 +120,7 @@ class Sidecar:
             plan, active = self._starting_plan(state_file)
             self.plans = PlanHolder(plan, version=active.version)
             self.config_service = ConfigService(self.plans, self.registry, active, state_file, self._mark_ready)
+            assert settings.token_file is not None  # SidecarSettings refuses push mode without one
             self._token = TokenFile(settings.token_file)
         else:
             assert settings.config is not None
@@ -132,9 +134,9 @@ class Sidecar:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._config_server: grpc.aio.Server | None = None
-        self._metrics_server = None
-        self._watch_task: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self._metrics_server: WSGIServer | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[bool]] = set()
         self._drained = False
 
     def _starting_plan(self, state_file: StateFile | None) -> tuple[Plan, ActiveConfig]:
@@ -286,7 +288,8 @@ def _server_credentials(settings: SidecarSettings) -> grpc.ServerCredentials | N
     files = _TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return grpc.dynamic_ssl_server_credentials(
         files.configuration(files.read()),
-        files.fetch_if_changed,
+        # gRPC keeps the configuration it has when the fetcher returns None; the stubs forget that.
+        files.fetch_if_changed,  # type: ignore[arg-type]
         require_client_authentication=settings.tls_client_ca is not None,
     )
 
@@ -309,9 +312,9 @@ class _TlsFiles:
 
     def configuration(self, contents: dict[str, bytes | None]) -> grpc.ServerCertificateConfiguration:
         self._serving = contents
-        return grpc.ssl_server_certificate_configuration(
-            [(contents["--tls-key"], contents["--tls-cert"])], root_certificates=contents["--tls-client-ca"],
-        )
+        key, cert = contents["--tls-key"], contents["--tls-cert"]
+        assert key is not None and cert is not None  # both paths are required; read() read them
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=contents["--tls-client-ca"])
 
     def fetch_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's fetcher, called before each handshake: a new configuration when the files

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, parse_json
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Annotated, Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import re2
 from pydantic import AfterValidator, Field, field_validator, model_validator

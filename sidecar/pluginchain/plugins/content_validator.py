@@ -148,7 +148,7 @@ class ContentValidator(Plugin):
             raise _rejection("allowed_models", f"request names no model; allowed models: {allowed}")
         if not isinstance(model, str):
             raise _rejection("allowed_models", f"model must be a string, got a JSON {_json_kind(model)}")
-        if model not in self.config.allowed_models:
+        if model not in (self.config.allowed_models or ()):
             raise _rejection("allowed_models", f"model {_clip(model)!r} is not allowed; allowed models: {allowed}")
 
 

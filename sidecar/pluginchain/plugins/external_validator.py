@@ -39,7 +39,8 @@ import asyncio
 import json
 import random
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
