@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.wire import chain_to_wire
 from pluginchain.v1 import config_pb2
@@ -107,7 +108,7 @@ class Controller:
         self,
         registry: PluginRegistry,
         credentials: PushCredentials,
-        push_timeout: float = 3.0,
+        push_timeout: float = DEFAULTS.push_timeout_seconds,
         push_attempts: int = 2,
     ):
         self.registry = registry

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from pluginchain._config.defaults import DEFAULTS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope = parser.add_mutually_exclusive_group()
@@ -17,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, help="client key for mTLS")
     parser.add_argument("--plugins", action="append", default=[], metavar="MODULE",
                         help="custom plugin modules to validate with (the sidecars must have them too)")
-    parser.add_argument("--push-timeout", type=float, default=3.0, help="seconds one push to one sidecar may take")
-    parser.add_argument("--retry-delay", type=float, default=5.0, help="seconds before a PluginChain with failed pushes is retried")
-    parser.add_argument("--resync-interval", type=float, default=10.0,
+    parser.add_argument("--push-timeout", type=float, default=DEFAULTS.push_timeout_seconds,
+                        help="seconds one push to one sidecar may take")
+    parser.add_argument("--retry-delay", type=float, default=DEFAULTS.retry_delay_seconds,
+                        help="seconds before a PluginChain with failed pushes is retried")
+    parser.add_argument("--resync-interval", type=float, default=DEFAULTS.resync_interval_seconds,
                         help="seconds between checks that every sidecar still runs what it acknowledged")
     parser.add_argument("--liveness", default=None, metavar="URL", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--log-level", default="info")
@@ -50,13 +54,3 @@ def run(args: argparse.Namespace) -> int:
         liveness_endpoint=args.liveness,
     ))
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="pluginchain operator", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

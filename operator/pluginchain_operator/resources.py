@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.issues import ConfigError, ConfigIssue, Path, pydantic_issues
 from pluginchain._config.models import (
     CHAIN_NAME,
@@ -28,7 +29,7 @@ PLURAL = "pluginchains"
 SINGULAR = "pluginchain"
 SHORT_NAMES = ("pc",)
 CONFIG_PORT_ANNOTATION = "pluginchain.io/config-port"
-DEFAULT_CONFIG_PORT = 50052
+DEFAULT_CONFIG_PORT = DEFAULTS.config_port
 
 
 class LabelSelectorRequirement(BaseModel):

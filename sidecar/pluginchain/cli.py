@@ -12,6 +12,7 @@ import yaml
 
 from pluginchain import _logs as logs
 from pluginchain._api.durations import format_duration
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.files import load_file
 from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import (
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "the chain file is not watched.",
     )
     serve.set_defaults(handler=_serve)
-    _add_sidecar_options(serve, default_port=50051, push_mode=True)
+    _add_sidecar_options(serve, default_port=DEFAULTS.ext_proc_port, push_mode=True)
     _add_push_options(serve)
 
     gateway = commands.add_parser("gateway", help="run a real Envoy in front of the sidecar (local gateway)")
@@ -76,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     envoy_config = commands.add_parser("envoy-config", help="print the Envoy configuration the gateway runs")
     envoy_config.set_defaults(handler=_envoy_config, plugins=[])
     envoy_config.add_argument("--upstream", default="http://127.0.0.1:8000", metavar="URL")
-    envoy_config.add_argument("--sidecar-port", type=int, default=50051)
-    envoy_config.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
+    envoy_config.add_argument("--sidecar-port", type=int, default=DEFAULTS.ext_proc_port)
+    envoy_config.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes)
     _add_envoy_options(envoy_config)
 
     # The operator's modules (and kopf) load only when these commands run: a sidecar never needs them.
@@ -114,13 +115,15 @@ def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int, pu
     else:
         command.add_argument("--config", required=True, metavar="FILE", help="chain file; reloaded on change and SIGHUP")
     _add_plugins_option(command)
-    command.add_argument("--host", default="127.0.0.1", help="ext_proc listen address (default 127.0.0.1)")
+    command.add_argument("--host", default=DEFAULTS.ext_proc_host, help=f"ext_proc listen address (default {DEFAULTS.ext_proc_host})")
     command.add_argument("--sidecar-port", dest="sidecar_port", type=int, default=default_port,
                          help=f"ext_proc gRPC port (default {default_port or 'a free one'})")
-    command.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; -1 disables (default 9090)")
-    command.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes,
-                         help="largest body the chain accepts; larger gets 413 (default 4 MiB)")
-    command.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    command.add_argument("--metrics-port", type=int, default=DEFAULTS.metrics_port,
+                         help=f"Prometheus /metrics port; -1 disables (default {DEFAULTS.metrics_port})")
+    command.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
+                         help=f"largest body the chain accepts; larger gets 413 (default {DEFAULTS.max_body_bytes})")
+    command.add_argument("--grace", type=float, default=DEFAULTS.grace_seconds,
+                         help=f"seconds in-flight requests get on SIGTERM (default {DEFAULTS.grace_seconds:g})")
     command.add_argument("--log-level", default="info")
 
 
@@ -133,9 +136,9 @@ def _add_push_options(command: argparse.ArgumentParser) -> None:
         "a push: fail closed).",
     )
     push.add_argument("--config-port", type=int, metavar="PORT",
-                      help="serve ConfigService (and gRPC health) on PORT, e.g. 50052; 0 picks a free one")
-    push.add_argument("--config-host", default="0.0.0.0", metavar="HOST",
-                      help="ConfigService listen address (default 0.0.0.0: the operator calls from outside the pod)")
+                      help=f"serve ConfigService (and gRPC health) on PORT, e.g. {DEFAULTS.config_port}; 0 picks a free one")
+    push.add_argument("--config-host", default=DEFAULTS.config_host, metavar="HOST",
+                      help=f"ConfigService listen address (default {DEFAULTS.config_host}: the operator calls from outside the pod)")
     push.add_argument("--token-file", type=Path, metavar="FILE",
                       help="file holding the bearer token every push must carry (a mounted Secret); re-read when it "
                       "changes; required with --config-port")
@@ -148,14 +151,16 @@ def _add_push_options(command: argparse.ArgumentParser) -> None:
 
 
 def _add_envoy_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--port", type=int, default=8080, help="Envoy listener port (default 8080)")
-    command.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, on loopback (default 9901)")
+    command.add_argument("--port", type=int, default=DEFAULTS.envoy_port, help=f"Envoy listener port (default {DEFAULTS.envoy_port})")
+    command.add_argument("--admin-port", type=int, default=DEFAULTS.envoy_admin_port,
+                         help=f"Envoy admin port, on loopback (default {DEFAULTS.envoy_admin_port})")
     command.add_argument("--ready-port", type=int, default=None, metavar="PORT",
                          help="also answer GET /ready on PORT of the listener's address, for probes that cannot "
                          "reach the admin port on loopback (the kubelet's); default: no such listener")
     command.add_argument("--route", action="append", default=[], metavar="PREFIX=CHAIN",
                          help="run CHAIN for paths starting with PREFIX; repeatable; others run 'default'")
-    command.add_argument("--message-timeout", default="10s", help="Envoy's wait for each sidecar answer")
+    command.add_argument("--message-timeout", default=DEFAULTS.message_timeout,
+                         help=f"Envoy's wait for each sidecar answer (default {DEFAULTS.message_timeout})")
 
 
 def _add_plugins_option(command: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._sidecar.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
 
 SIDECAR_CLUSTER = "pluginchain_sidecar"
@@ -25,23 +26,23 @@ class EnvoySettings:
     upstream: str = "http://127.0.0.1:8000"
     """The LLM provider's base URL (http or https)."""
     listen_host: str = "0.0.0.0"
-    listen_port: int = 8080
+    listen_port: int = DEFAULTS.envoy_port
     admin_host: str = "127.0.0.1"
     """Envoy's admin interface can stop Envoy or fail its health checks: keep it on loopback."""
-    admin_port: int = 9901
+    admin_port: int = DEFAULTS.envoy_admin_port
     ready_port: int | None = None
     """A listener on ``listen_host`` that answers ``GET /ready`` (200 while Envoy is live, 503
     once its health check fails) and nothing else, for probes that cannot reach loopback (the
     kubelet's). None: no such listener."""
     sidecar_host: str = "127.0.0.1"
-    sidecar_port: int = 50051
+    sidecar_port: int = DEFAULTS.ext_proc_port
     routes: tuple[tuple[str, str], ...] = ()
     """(path prefix, chain name) pairs; other paths run the ``default`` chain."""
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = DEFAULTS.max_body_bytes
     """Envoy's buffer limit, equal to the sidecar's body limit: larger bodies get 413."""
-    message_timeout: str = "10s"
+    message_timeout: str = DEFAULTS.message_timeout
     """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins)."""
-    upstream_timeout: str = "300s"
+    upstream_timeout: str = DEFAULTS.upstream_timeout
     """How long an LLM call may take; completions can be slow."""
     failure_mode_allow: bool = False
     """False: an unreachable sidecar fails requests closed."""

@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stage
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.models import DEFAULT_CHAIN
 from pluginchain._engine.plan import CompiledChain
 from pluginchain._metrics import REQUESTS
@@ -34,7 +35,6 @@ SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 
-_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
@@ -44,7 +44,7 @@ _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.Trailer
 class Limits:
     """Per-request limits; the gRPC message size limits are derived from ``max_body_bytes``."""
 
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = DEFAULTS.max_body_bytes
     """Largest request or response body the chain accepts (default 4 MiB); larger gets 413."""
 
     @property

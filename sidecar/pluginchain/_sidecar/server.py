@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import start_http_server
 
+from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.files import load_file
 from pluginchain._config.registry import default_registry
 from pluginchain._engine.plan import Plan
@@ -50,19 +51,19 @@ class SidecarSettings:
     optional, never watched; the starting plan when the state file holds none."""
     plugin_modules: tuple[str, ...] = ()
     """Modules to import custom plugins from, besides the entry points."""
-    host: str = "127.0.0.1"
+    host: str = DEFAULTS.ext_proc_host
     """Address for ext_proc; Envoy runs in the same pod, so loopback is the safe default."""
-    port: int = 50051
+    port: int = DEFAULTS.ext_proc_port
     """ext_proc gRPC port; 0 picks a free one."""
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = 9090
+    metrics_host: str = DEFAULTS.metrics_host
+    metrics_port: int | None = DEFAULTS.metrics_port
     """Prometheus /metrics port; None disables it, 0 picks a free one."""
     limits: Limits = field(default_factory=Limits)
-    grace: float = 10.0
+    grace: float = DEFAULTS.grace_seconds
     """Seconds in-flight streams get to finish after SIGTERM."""
-    reload_interval: float = 1.0
+    reload_interval: float = DEFAULTS.reload_interval_seconds
     """Seconds between checks of the chain file."""
-    config_host: str = "0.0.0.0"
+    config_host: str = DEFAULTS.config_host
     """Address for ConfigService; the operator reaches it from outside the pod."""
     config_port: int | None = None
     """ConfigService gRPC port (the contract's default is 50052); None: file mode, no
