@@ -69,22 +69,6 @@ def test_a_class_without_execute_or_outside_the_hierarchy_is_refused():
         PluginRegistry().register(dict)
 
 
-def test_a_misnamed_entry_point_is_refused_before_its_class_is_registered(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    (site / "misnamed").mkdir(parents=True)
-    (site / "misnamed" / "__init__.py").write_text(CUSTOM_PLUGIN)
-    dist_info = site / "misnamed-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: misnamed\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[pluginchain.plugins]\nother_name = misnamed:TenantGate\n")
-    monkeypatch.syspath_prepend(str(site))
-    registry = PluginRegistry()
-
-    with pytest.raises(PluginRegistrationError, match="entry point name must equal the plugin's name 'tenant_gate'"):
-        registry.load_entry_points()
-    assert "tenant_gate" not in registry
-
-
 def test_an_instance_that_needs_more_than_its_class_declares_is_not_built():
     class Overreaching(Good):
         name = "overreaching"
@@ -129,6 +113,18 @@ CUSTOM_PLUGIN = textwrap.dedent(
 CHAIN = '{"plugins": [{"name": "tenant_gate", "config": {"tenants": ["acme"]}}]}'
 
 
+def installed_package(tmp_path: Path, package: str, entry_point: str) -> Path:
+    """A site directory holding ``package`` (CUSTOM_PLUGIN) installed with one plugin entry point."""
+    site = tmp_path / "site"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(CUSTOM_PLUGIN)
+    dist_info = site / f"{package}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[pluginchain.plugins]\n{entry_point}\n")
+    return site
+
+
 def test_a_custom_plugin_from_a_module_file(tmp_path):
     (tmp_path / "tenant_plugins.py").write_text(CUSTOM_PLUGIN)
     (tmp_path / "chain.json").write_text(CHAIN)
@@ -141,13 +137,7 @@ def test_a_custom_plugin_from_a_module_file(tmp_path):
 
 
 def test_a_custom_plugin_from_an_installed_entry_point(tmp_path):
-    site = tmp_path / "site"
-    (site / "tenant_plugins").mkdir(parents=True)
-    (site / "tenant_plugins" / "__init__.py").write_text(CUSTOM_PLUGIN)
-    dist_info = site / "tenant_plugins-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tenant-plugins\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[pluginchain.plugins]\ntenant_gate = tenant_plugins:TenantGate\n")
+    site = installed_package(tmp_path, "tenant_plugins", "tenant_gate = tenant_plugins:TenantGate")
     (tmp_path / "chain.json").write_text(CHAIN.replace('"acme"', "42"))
     result = subprocess.run(
         [CLI, "validate", str(tmp_path / "chain.json")],
@@ -156,3 +146,12 @@ def test_a_custom_plugin_from_an_installed_entry_point(tmp_path):
     # The entry point was found: its config model, not "unknown plugin", judged the file.
     assert result.returncode == 1
     assert "plugins[0] (tenant_gate).config.tenants[0]: Input should be a valid string" in result.stderr
+
+
+def test_a_misnamed_entry_point_is_refused_before_its_class_is_registered(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(installed_package(tmp_path, "misnamed", "other_name = misnamed:TenantGate")))
+    registry = PluginRegistry()
+
+    with pytest.raises(PluginRegistrationError, match="entry point name must equal the plugin's name 'tenant_gate'"):
+        registry.load_entry_points()
+    assert "tenant_gate" not in registry
