@@ -24,12 +24,7 @@ from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.wire import chain_to_wire
 from pluginchain.v1 import config_pb2
 from pluginchain_operator.kube import KubeClient
-from pluginchain_operator.pushing import (
-    PushCredentials,
-    PushError,
-    active_version,
-    apply,
-)
+from pluginchain_operator.pushing import PushCredentials, PushError, active_version, apply
 from pluginchain_operator.resources import (
     CONFIG_PORT_ANNOTATION,
     DEFAULT_CONFIG_PORT,
