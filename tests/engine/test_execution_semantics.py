@@ -236,3 +236,23 @@ async def test_members_that_never_suspend_keep_the_parallel_semantics():
         result = await lying.run_stage(Stage.PRE_REQUEST, new_exchange())
         assert result.rejection.status == 500 and result.failures[0].plugin_id == "sleeper"
         assert "said it never suspends but awaited" in result.failures[0].message
+
+
+async def test_only_a_serving_plan_creates_metric_series():
+    from prometheus_client import REGISTRY
+
+    from pluginchain._metrics import EngineMetrics
+
+    registry = scripted_registry()
+
+    def decisions(chain: str) -> float | None:
+        labels = {"chain": chain, "plugin": "a", "outcome": "allow"}
+        return REGISTRY.get_sample_value("pluginchain_plugin_decisions_total", labels)
+
+    checked = compile_plan(validate_document({"chains": {"checked-only": [step("a")]}}, registry), registry)
+    await checked.chains["checked-only"].run_stage(Stage.PRE_REQUEST, new_exchange())
+    assert decisions("checked-only") is None  # the operator and the CLI compile like this
+
+    serving = compile_plan(validate_document({"chains": {"serving": [step("a")]}}, registry), registry, EngineMetrics())
+    await serving.chains["serving"].run_stage(Stage.PRE_REQUEST, new_exchange())
+    assert decisions("serving") == 1.0
