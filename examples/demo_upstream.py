@@ -5,6 +5,12 @@ server-sent events when ``"stream": true``), so what a chain changes on the way 
 visible. ``GET /_demo/requests`` lists the requests it received (method, path, headers, body),
 so tests can prove what reached the upstream and what never did.
 
+A stream is sent as an LLM sends one: chunked, an event per word, as they are "generated". Tests
+shape it with request headers: ``x-demo-delay`` (seconds between events), ``x-demo-repeat``
+(say the answer N times), ``x-demo-chunking: split`` (cut every event in two network chunks) or
+``merge`` (two events per chunk), ``x-demo-extra-events: 1`` (a comment and an event type no
+gateway knows, between the words).
+
     python examples/demo_upstream.py --port 8000
 """
 
@@ -64,7 +70,7 @@ class DemoUpstream(BaseHTTPRequestHandler):
             return
         text = f"You said: {last}" if isinstance(last, str) else "You sent structured content."
         if request.get("stream"):
-            self._stream(text)
+            self._stream(text, request)
             return
         prompt_tokens, completion_tokens = len(str(last).split()), len(text.split())  # words stand in for tokens
         completion = {
@@ -81,13 +87,48 @@ class DemoUpstream(BaseHTTPRequestHandler):
         }
         self._send(200, json.dumps(completion).encode())
 
-    def _stream(self, text: str) -> None:
-        events = []
-        for word in text.split(" "):
-            chunk = {"object": "chat.completion.chunk", "model": MODEL, "choices": [{"index": 0, "delta": {"content": word + " "}}]}
-            events.append(f"data: {json.dumps(chunk)}\n\n")
+    def _stream(self, text: str, request: dict) -> None:
+        created, ident = int(time.time()), f"chatcmpl-demo-{int(time.time() * 1000)}"
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra: object) -> str:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": MODEL, "choices": choices, **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        text = " ".join([text] * int(self.headers.get("x-demo-repeat") or 1))
+        words = text.split(" ")
+        events = [chunk({"role": "assistant", "content": ""})]
+        for number, word in enumerate(words):
+            events.append(chunk({"content": word + (" " if number + 1 < len(words) else "")}))
+            if self.headers.get("x-demo-extra-events") and number == 0:
+                events.append(": keep-alive\n\n")
+                events.append('event: demo.progress\ndata: {"type": "demo.progress", "words": 1}\n\n')
+        events.append(chunk({}, "stop"))
+        if (request.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}
+            events.append(f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n")
         events.append("data: [DONE]\n\n")
-        self._send(200, "".join(events).encode(), "text/event-stream")
+        chunks = [event.encode() for event in events]
+        chunking = self.headers.get("x-demo-chunking")
+        if chunking == "split":
+            chunks = [part for c in chunks for part in (c[: len(c) // 2], c[len(c) // 2:])]
+        elif chunking == "merge":
+            chunks = [b"".join(chunks[i:i + 2]) for i in range(0, len(chunks), 2)]
+        delay = float(self.headers.get("x-demo-delay") or 0)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            for number, data in enumerate(chunks):
+                if delay and number:
+                    time.sleep(delay)
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client (or the gateway) hung up: nothing more to send
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pluginchain._api.plugin import (
     Stage,
     parse_json,
 )
+from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
 
 __all__ = [
     "BodyNotJSON",
@@ -38,5 +39,8 @@ __all__ = [
     "PluginData",
     "Reject",
     "Stage",
+    "StreamEvent",
+    "StreamMode",
+    "TextChannel",
     "parse_json",
 ]

@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
+
 
 class Stage(enum.StrEnum):
     """When a plugin runs."""
@@ -58,13 +60,24 @@ class Needs:
     """Whether ``execute`` may ``await``. False: the engine drives it to completion at once; a
     timeout cannot interrupt code that never yields anyway. A plugin that says False and then
     awaits fails (``on_error`` applies) and the log names it."""
+    stream: StreamMode | None = None
+    """How it treats a streamed response body: one of the class's ``streams``. None: the class's
+    first of EVENTS, WHOLE. Only matters with ``response_body``."""
+    holdback: int = 0
+    """EVENTS mode: characters at the end of each channel's text to keep from the client until
+    later events arrive (e.g. a pattern's longest match less one); ``PluginData.hold`` can ask
+    for more at one event."""
+    stream_limit_bytes: int | None = None
+    """WHOLE mode: the most of a stream it may have buffered; past it the stream ends with an
+    error event. None: the sidecar's body limit."""
 
-    def __or__(self, other: Needs) -> Needs:
-        return Needs(
-            self.request_body or other.request_body,
-            self.response_body or other.response_body,
-            self.suspends or other.suspends,
-        )
+
+def preferred_stream_mode(modes: frozenset[StreamMode]) -> StreamMode | None:
+    """Per event when a plugin can, so the client gets tokens as they come."""
+    for mode in (StreamMode.EVENTS, StreamMode.WHOLE):
+        if mode in modes:
+            return mode
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +265,8 @@ class Exchange:
     metadata: dict[str, Any] = field(default_factory=dict)
     client_address: str | None = None
     request_id: str = ""
+    event: StreamEvent | None = None
+    """While a streamed response passes: the event the post_request plugins are judging."""
 
 
 class PluginContext:
@@ -293,7 +308,7 @@ class PluginData:
 
     __slots__ = (
         "stage", "exchange", "metadata", "error", "_target",
-        "_set_headers", "_removed_headers", "_body", "_json",
+        "_set_headers", "_removed_headers", "_body", "_json", "_texts", "_holds", "_event_data",
     )
 
     def __init__(self, stage: Stage, exchange: Exchange, error: Failure | None = None):
@@ -309,6 +324,9 @@ class PluginData:
         self._removed_headers: set[str] = set()
         self._body: bytes | None = None
         self._json: Any = HttpMessage._UNPARSED
+        self._texts: dict[TextChannel, str] = {}
+        self._holds: dict[TextChannel, int] = {}
+        self._event_data: str | None = None
 
     @property
     def request(self) -> HttpMessage:
@@ -363,6 +381,44 @@ class PluginData:
         self._body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
         self._json = value
 
+    # A streamed response, in EVENTS mode (see pluginchain._api.stream).
+
+    @property
+    def event(self) -> StreamEvent | None:
+        """The server-sent event being judged, in EVENTS mode; None otherwise."""
+        return self.exchange.event
+
+    @property
+    def texts(self) -> Mapping[TextChannel, str]:
+        """Per channel of this stream, the text not yet sent to the client, this event's delta
+        included, with this plugin's own rewrites. Empty outside EVENTS mode."""
+        event = self.exchange.event
+        if event is None:
+            return {}
+        if not self._texts:
+            return event.pending
+        return {**event.pending, **self._texts}
+
+    def set_text(self, channel: TextChannel, text: str) -> None:
+        """Rewrite the not-yet-sent text of ``channel`` (e.g. to redact); what was sent is sent."""
+        event = self.exchange.event
+        if event is None or channel not in event.pending:
+            raise ValueError(f"no text pending on {channel} at this point of the stream")
+        self._texts[channel] = text
+
+    def replace_event(self, data: str) -> None:
+        """Replace the data field of the event being judged (JSON text, say), for an event that
+        carries no delta text; the text of those goes through ``set_text``."""
+        event = self.exchange.event
+        if event is None or event.deltas:
+            raise ValueError("replace_event() is for stream events without delta text; use set_text()")
+        self._event_data = data
+
+    def hold(self, channel: TextChannel, chars: int) -> None:
+        """Keep the last ``chars`` characters of ``channel``'s pending text from the client at
+        this event, beyond the plugin's ``Needs.holdback``. Ignored at the final event."""
+        self._holds[channel] = max(chars, self._holds.get(channel, 0))
+
     def apply(self) -> None:
         """Write this plugin's changes into the exchange (called by the engine)."""
         target = self._target
@@ -375,6 +431,13 @@ class PluginData:
         own_metadata = self.metadata.maps[0]  # type: ignore[attr-defined]
         if own_metadata:
             self.exchange.metadata.update(own_metadata)
+        event = self.exchange.event
+        if event is not None:
+            event.pending.update(self._texts)
+            if self._event_data is not None:
+                event.replacement = self._event_data
+            for channel, chars in self._holds.items():
+                event.holds[channel] = max(chars, event.holds.get(channel, 0))
 
 
 class Plugin(ABC):
@@ -390,7 +453,11 @@ class Plugin(ABC):
     - ``reads_body``: whether it reads bodies at all (by default, the body of the message its
       stage works on: the request in ``pre_request``, the response in ``post_request``);
     - ``suspends``: whether ``execute`` may ``await`` (False for pure computation, which the
-      engine then runs inline).
+      engine then runs inline);
+    - ``streams``: how it can treat a streamed response when it reads response bodies
+      (:class:`StreamMode`: per event, or the whole stream at its end; the default, WHOLE, is
+      always correct but holds the stream back). Empty: it cannot judge streams, and a chain
+      entry that would make it read one in ``post_request`` is refused.
 
     What one configured instance needs within those declarations is :meth:`needs`, the one hook
     for needs that depend on config (say, a plugin that reads the body only when configured to).
@@ -407,6 +474,7 @@ class Plugin(ABC):
     supports_parallel: ClassVar[bool] = False
     reads_body: ClassVar[bool] = False
     suspends: ClassVar[bool] = True
+    streams: ClassVar[frozenset[StreamMode]] = frozenset({StreamMode.WHOLE})
 
     def __init__(self, config: PluginConfig, settings: InstanceSettings):
         self.config = config
@@ -431,10 +499,12 @@ class Plugin(ABC):
         ``reads_body`` (none in the ``error`` stage), and ``suspends``.
         """
         reads = self.reads_body
+        response_body = reads and self.stage is Stage.POST_REQUEST
         return Needs(
             request_body=reads and self.stage is Stage.PRE_REQUEST,
-            response_body=reads and self.stage is Stage.POST_REQUEST,
+            response_body=response_body,
             suspends=self.suspends,
+            stream=preferred_stream_mode(self.streams) if response_body else None,
         )
 
     @abstractmethod

@@ -20,6 +20,7 @@ from types import ModuleType
 from pydantic import BaseModel
 
 from pluginchain._api.plugin import Plugin, Stage
+from pluginchain._api.stream import StreamMode
 
 ENTRY_POINT_GROUP = "pluginchain.plugins"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -140,6 +141,9 @@ def _problems_of(plugin_class: object) -> list[str]:
     stages = plugin_class.stages
     if not isinstance(stages, (set, frozenset)) or not stages or not all(isinstance(s, Stage) for s in stages):
         problems.append("`stages` must be a non-empty set of pluginchain.Stage")
+    streams = plugin_class.streams
+    if not isinstance(streams, (set, frozenset)) or not all(isinstance(mode, StreamMode) for mode in streams):
+        problems.append("`streams` must be a set of pluginchain.StreamMode (empty: it cannot judge streamed responses)")
     for flag in ("supports_parallel", "reads_body", "suspends"):
         if not isinstance(getattr(plugin_class, flag), bool):
             problems.append(f"`{flag}` must be a bool (a class attribute; per-config needs go in `needs()`)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pluginchain._api.plugin import PluginConfig
+from pluginchain._api.plugin import PluginConfig, Stage
 from pluginchain._config.issues import (
     ConfigError,
     ConfigIssue,
@@ -101,6 +101,13 @@ def _validate_entry(raw: Any, registry: PluginRegistry, here: Path, issues: list
     if entry.stage not in plugin_class.stages:
         supported = ", ".join(sorted(plugin_class.stages))
         issues.append(ConfigIssue(here + ("stage",), f"{entry.name} cannot run in {entry.stage}; it supports: {supported}"))
+        return None
+    if entry.stage is Stage.POST_REQUEST and plugin_class.reads_body and not plugin_class.streams:
+        issues.append(ConfigIssue(
+            here + ("stage",),
+            f"{entry.name} reads response bodies but cannot judge a streamed response (its class declares no `streams`), "
+            "so it cannot run in post_request",
+        ))
         return None
     if entry.parallel and not plugin_class.supports_parallel:
         issues.append(ConfigIssue(here + ("parallel",), f"{entry.name} does not support parallel execution"))

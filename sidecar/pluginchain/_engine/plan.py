@@ -16,6 +16,7 @@ what it needs, binding the observer's metrics); a request only walks the prebuil
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
@@ -32,7 +33,9 @@ from pluginchain._api.plugin import (
     PluginData,
     Reject,
     Stage,
+    preferred_stream_mode,
 )
+from pluginchain._api.stream import StreamMode
 from pluginchain._config.issues import ConfigError, ConfigIssue
 from pluginchain._config.models import ValidatedChain
 from pluginchain._config.registry import PluginRegistry
@@ -107,6 +110,22 @@ class Group:
     parallel: tuple[Plugin, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """How the post_request plugins treat a streamed response (see ``pluginchain._api.stream``)."""
+
+    on_headers: tuple[Group, ...]
+    """Members that read no response body: they run once, on the response headers."""
+    per_event: tuple[Group, ...]
+    """EVENTS-mode members: they run on each event."""
+    at_end: tuple[Group, ...]
+    """WHOLE-mode members: they run once, on the whole stream, before any of it is sent."""
+    holdback: int
+    """Characters of each channel the strictest EVENTS-mode member keeps back."""
+    limit_bytes: int | None
+    """The smallest stream limit of a WHOLE-mode member (None: the sidecar's body limit)."""
+
+
 @dataclass(slots=True)
 class StageResult:
     """How a stage ended: ``rejection`` is the response to send instead of going on, if any."""
@@ -141,31 +160,44 @@ class CompiledChain:
         self.stages: dict[Stage, tuple[Group, ...]] = {
             stage: _group(p for p in self.plugins if p.stage is stage) for stage in Stage
         }
-        needs = Needs(suspends=False)
-        for _, plugin_needs in plugins:
-            needs = needs | plugin_needs
+        request_body = any(needs.request_body for _, needs in plugins)
+        response_body = any(needs.response_body for _, needs in plugins)
         has_post = bool(self.stages[Stage.POST_REQUEST])
         self.phases = Phases(
-            request_headers=bool(self.stages[Stage.PRE_REQUEST]) or needs.request_body,
-            request_body=needs.request_body,
+            request_headers=bool(self.stages[Stage.PRE_REQUEST]) or request_body,
+            request_body=request_body,
             # The error stage also runs on upstream 5xx, which only the response headers show.
-            response_headers=has_post or bool(self.stages[Stage.ERROR]) or needs.response_body,
-            response_body=needs.response_body,
+            response_headers=has_post or bool(self.stages[Stage.ERROR]) or response_body,
+            response_body=response_body,
+        )
+        post = [(plugin, needs) for plugin, needs in plugins if plugin.stage is Stage.POST_REQUEST]
+        per_event = [(p, n) for p, n in post if n.response_body and n.stream is StreamMode.EVENTS]
+        at_end = [(p, n) for p, n in post if n.response_body and n.stream is StreamMode.WHOLE]
+        limits = [n.stream_limit_bytes for _, n in at_end if n.stream_limit_bytes is not None]
+        self.stream = StreamPlan(
+            on_headers=_group(p for p, n in post if not n.response_body),
+            per_event=_group(p for p, _ in per_event),
+            at_end=_group(p for p, _ in at_end),
+            holdback=max((n.holdback for _, n in per_event), default=0),
+            limit_bytes=min(limits, default=None),
         )
         self._chain_latency = observer.stage_latency(name)
 
     def __repr__(self) -> str:
         return f"CompiledChain({self.name!r}, plugins={[p.id for p in self.plugins]})"
 
-    async def run_stage(self, stage: Stage, exchange: Exchange) -> StageResult:
-        """Run ``pre_request`` or ``post_request`` on ``exchange``, applying changes to it."""
+    async def run_stage(self, stage: Stage, exchange: Exchange, groups: tuple[Group, ...] | None = None) -> StageResult:
+        """Run ``pre_request`` or ``post_request`` on ``exchange``, applying changes to it.
+
+        ``groups``: only these of the stage's groups (a part of ``self.stream``), else all.
+        """
         if stage is Stage.ERROR:
             raise ValueError("run the error stage with run_error_stage()")
         failures: list[Failure] = []
         rejection = None
         started = time.perf_counter()
         try:
-            for group in self.stages[stage]:
+            for group in self.stages[stage] if groups is None else groups:
                 rejection = await self._run_group(group, stage, exchange, failures)
                 if rejection is not None:
                     break
@@ -417,6 +449,13 @@ def _needs_of(plugin: Plugin) -> Needs:
         raise ValueError("needs() says it suspends, but the class declares suspends = False")
     if needs.response_body and plugin.stage is Stage.PRE_REQUEST:
         raise ValueError("needs() asks for the response body in pre_request, before there is a response")
+    if needs.response_body and needs.stream is None:
+        needs = dataclasses.replace(needs, stream=preferred_stream_mode(declared.streams))
+    if needs.response_body and needs.stream not in declared.streams:
+        modes = ", ".join(sorted(declared.streams)) or "none"
+        raise ValueError(f"needs() treats streams as {needs.stream}, but the class declares streams: {modes}")
+    if needs.holdback < 0 or (needs.stream_limit_bytes is not None and needs.stream_limit_bytes <= 0):
+        raise ValueError("needs() asks for a negative holdback or a stream limit that is not positive")
     return needs
 
 

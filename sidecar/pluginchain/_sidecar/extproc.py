@@ -23,7 +23,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stage
 from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.models import DEFAULT_CHAIN
-from pluginchain._engine.plan import CompiledChain
+from pluginchain._engine.plan import CompiledChain, Group
+from pluginchain._engine.streaming import ResponseStream
 from pluginchain._metrics import REQUESTS
 from pluginchain._sidecar.plans import PlanHolder
 from pluginchain.plugins._content_coding import readable_accept_encoding
@@ -36,6 +37,7 @@ EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
@@ -60,13 +62,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._plans = plans
         self._limits = limits
         self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
+        self._streamed_modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
         self._counters: dict[tuple[str, str], object] = {}
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
         chain_name = _chain_name(context)
         with self._plans.use() as plan:
             chain = plan.get(chain_name)
-            stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits)
+            stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
             try:
                 async for request in request_iterator:
                     yield await stream.answer(request)
@@ -103,17 +106,31 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._modes[chain] = mode
         return mode
 
+    def _streamed_mode_for(self, chain: CompiledChain | None) -> _Mode | None:
+        """The override that switches a streamed response's body to STREAMED."""
+        if chain is None or not chain.phases.response_body:
+            return None
+        mode = self._streamed_modes.get(chain)
+        if mode is None:
+            mode = _Mode()
+            mode.CopyFrom(self._mode_for(chain))
+            mode.response_body_mode = _Mode.STREAMED
+            self._streamed_modes[chain] = mode
+        return mode
+
 
 class _Stream:
     """The state of one HTTP request's exchange with Envoy."""
 
-    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided")
+    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided", "streamed_mode", "response_stream")
 
-    def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits):
+    def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits, streamed_mode: _Mode | None):
         self.chain = chain
         self.chain_name = chain_name
         self.mode = mode
         self.limits = limits
+        self.streamed_mode = streamed_mode
+        self.response_stream: ResponseStream | None = None
         self.exchange = Exchange()
         self.outcome = "allow"
         self.decided = False
@@ -176,6 +193,8 @@ class _Stream:
         assert self.chain is not None
         self.exchange.response = HttpMessage(_header_dict(headers.headers))
         if self.chain.phases.response_body and not headers.end_of_stream:
+            if _is_readable_event_stream(self.exchange.response.headers):
+                return await self._start_stream()
             return _CONTINUE_RESPONSE_HEADERS
         if headers.end_of_stream:
             self.exchange.response.body = b""
@@ -184,8 +203,44 @@ class _Stream:
             return self._immediate(rejection)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(self.exchange.response, body_phase=False)))
 
+    async def _start_stream(self) -> pb.ProcessingResponse:
+        """A streamed response: post_request plugins that read no body run now, on its headers;
+        the body comes chunk by chunk (STREAMED) to a :class:`ResponseStream`."""
+        assert self.chain is not None and self.exchange.response is not None
+        response = self.exchange.response
+        status = response.headers.get(":status", "")
+        if status.startswith("5"):
+            failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
+            replacement = await self.chain.run_error_stage(self.exchange, failure)
+            if replacement is not None:
+                return self._immediate(replacement)
+        rejection = await self._run(Stage.POST_REQUEST, self.chain.stream.on_headers)
+        if rejection is not None:
+            return self._immediate(rejection)
+        self.decided = False  # until the stream has passed every plugin
+        # Plugins may change the body's length; the client learns it from the chunked framing.
+        response.remove_header("content-length")
+        limit = self.limits.max_body_bytes
+        self.response_stream = ResponseStream(self.chain, self.exchange, max_event_bytes=limit, max_buffer_bytes=limit)
+        common = _common_response(response, body_phase=False)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common), mode_override=self.streamed_mode)
+
+    async def _stream_chunk(self, stream: ResponseStream, body: pb.HttpBody) -> pb.ProcessingResponse:
+        chunk = body.body
+        output = await stream.feed(chunk, body.end_of_stream)
+        if stream.ended:
+            self.decided = True
+            if stream.rejection is not None and self.outcome == "allow":
+                self.outcome = "error" if stream.rejection.plugin_id is None else "reject"
+        if output == chunk:
+            return _CONTINUE_RESPONSE_BODY
+        mutation = pb.BodyMutation(body=output) if output else pb.BodyMutation(clear_body=True)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+
     async def _response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.exchange.response is not None
+        if self.response_stream is not None:
+            return await self._stream_chunk(self.response_stream, body)
         if len(body.body) > self.limits.max_body_bytes:
             return self._too_large("response")
         self.exchange.response.body = body.body
@@ -204,9 +259,9 @@ class _Stream:
                 return replacement
         return await self._run(Stage.POST_REQUEST)
 
-    async def _run(self, stage: Stage) -> Reject | None:
+    async def _run(self, stage: Stage, groups: tuple[Group, ...] | None = None) -> Reject | None:
         assert self.chain is not None
-        result = await self.chain.run_stage(stage, self.exchange)
+        result = await self.chain.run_stage(stage, self.exchange, groups)
         if result.rejection is not None:
             self.outcome = "error" if result.rejection.plugin_id is None else "reject"
         self.decided = result.rejection is not None or stage is Stage.POST_REQUEST or not self.chain.phases.response_headers
@@ -227,6 +282,15 @@ class _Stream:
             details=f"pluginchain_{rejection.code or 'rejected'}",
         )
         return pb.ProcessingResponse(immediate_response=immediate)
+
+
+def _is_readable_event_stream(headers: dict[str, str]) -> bool:
+    """Whether a response is streamed to the chain event by event: a ``text/event-stream`` in no
+    content coding. Everything else, chunked or not (and a compressed stream), is buffered whole,
+    up to the body limit, as plugins have always seen it."""
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    coding = headers.get("content-encoding", "").strip().lower()
+    return media_type == "text/event-stream" and coding in ("", "identity")
 
 
 def _chain_name(context: grpc.aio.ServicerContext) -> str:

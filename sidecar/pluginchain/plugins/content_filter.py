@@ -16,7 +16,8 @@ What is matched is the text the model sees, not the bytes on the wire:
   (a pattern that is not NFKC is a config error). Homoglyphs of other scripts are not folded;
 - a word split over several fields of one text stream (the deltas of a streamed choice, the
   parts or messages of a prompt) is found in their joined text, besides in each field alone;
-- an event-stream response is read ``data:`` event by ``data:`` event (``[DONE]`` skipped);
+- an event-stream response buffered whole is read ``data:`` event by ``data:`` event (``[DONE]``
+  skipped); a streamed one is judged event by event as it passes (see below);
 - a gzip or deflate body is inflated first (and deflated again after redaction); a body in
   another content-encoding cannot be inspected and is never let through unread (the sidecar asks
   upstreams for readable codings only, see :mod:`pluginchain.plugins._content_coding`);
@@ -26,11 +27,21 @@ What is matched is the text the model sees, not the bytes on the wire:
 without echoing what matched. ``action: redact`` replaces each match with ``mask``: a redacted
 text field is rewritten in its canonical form, the other fields and a body without a match are
 left exactly as they were.
+
+On a streamed completion (EVENTS mode) the filter judges each channel's text not yet sent (a
+choice's content, a tool call's arguments), so a match split over events is found, and keeps
+back only what could still become part of a match: for patterns whose longest match is bounded
+(read from the pattern), one character less than that; for unbounded ones (``a+``, ``.*``),
+``stream_window`` characters. Everything before that leaves at once. ``reject`` ends the stream
+with an error event before any part of a match has left; ``redact`` masks a match once it can no
+longer grow. Events without deltas (a Responses API ``*.done`` event repeating the whole text)
+are judged as whole documents.
 """
 
 from __future__ import annotations
 
 import json
+import re._parser as python_regex_parser  # type: ignore[import-not-found]  # widths of patterns; RE2 exposes none
 import unicodedata
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -42,6 +53,7 @@ from pluginchain._api.plugin import (
     BodyNotJSON,
     BodyTooDeep,
     InstanceSettings,
+    Needs,
     Plugin,
     PluginConfig,
     PluginContext,
@@ -50,6 +62,7 @@ from pluginchain._api.plugin import (
     Stage,
     parse_json,
 )
+from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
 from pluginchain.plugins._content_coding import UnreadableBody, deflate, inflate
 from pluginchain.plugins._llm_text import (
     EventStream,
@@ -109,6 +122,10 @@ class ContentFilterConfig(PluginConfig):
     """What replaces each match when redacting (default ``[REDACTED]``; may be empty)."""
     message: str = Field(default="request blocked by content filter", min_length=1)
     """Error message a rejected client sees; never includes the matched text."""
+    stream_window: int = Field(default=256, ge=1, le=65536)
+    """On a streamed completion, the characters of text kept back from the client when a pattern
+    has no longest match (``a+``, ``.*``; default 256): a match longer than this may be partly
+    sent before it is complete. Patterns with a bounded match keep back exactly what they need."""
 
     @field_validator("banned_patterns")
     @classmethod
@@ -153,6 +170,25 @@ Span = tuple[int, int, bool]
 piece of a match split over several texts carries the mask, the other pieces are dropped)."""
 
 
+_UNBOUNDED = 65536
+"""Python's parser reports an unbounded repeat as a huge width; anything this long is unbounded."""
+
+
+def longest_match(patterns: Sequence[str]) -> int | None:
+    """The most characters any of ``patterns`` can match, or None when that is unbounded (or
+    the pattern uses RE2 syntax Python's parser does not know, such as ``\\p{Greek}``)."""
+    longest = 0
+    for pattern in patterns:
+        try:
+            widest = python_regex_parser.parse(pattern).getwidth()[1]
+        except Exception:  # re.error, and whatever else a foreign syntax provokes
+            return None
+        if widest >= _UNBOUNDED:
+            return None
+        longest = max(longest, widest)
+    return longest
+
+
 class ContentFilter(Plugin):
     """Rejects or redacts banned patterns in prompts (pre_request) and completions (post_request)."""
 
@@ -162,6 +198,7 @@ class ContentFilter(Plugin):
     supports_parallel = True
     suspends = False  # pure computation: the engine runs it inline
     reads_body = True
+    streams = frozenset({StreamMode.EVENTS})
 
     config: ContentFilterConfig
 
@@ -169,8 +206,23 @@ class ContentFilter(Plugin):
         super().__init__(config, settings)
         self._banned = compile_banned(config.banned_patterns, config.case_sensitive)
         self._redact = config.action == "redact"
+        longest = longest_match(config.banned_patterns)
+        # A match can still grow while it is shorter than the longest one: keep that much back.
+        self._holdback = config.stream_window if longest is None else max(longest - 1, 0)
+
+    def needs(self) -> Needs:
+        return Needs(
+            request_body=self.stage is Stage.PRE_REQUEST,
+            response_body=self.stage is Stage.POST_REQUEST,
+            suspends=False,
+            stream=StreamMode.EVENTS,
+            holdback=self._holdback,
+        )
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
+        if data.event is not None:
+            self._judge_event(data, data.event)
+            return
         body = data.body
         if not body:
             return
@@ -203,6 +255,43 @@ class ContentFilter(Plugin):
                 new_plain = _dump_json(new_document).encode()
         if new_plain is not None:
             data.set_body(deflate(new_plain, encoding) if compressed else new_plain)
+
+    def _judge_event(self, data: PluginData, event: StreamEvent) -> None:
+        """One event of a streamed completion: the pending text of each channel, or, for an
+        event without deltas, its data as a whole."""
+        if event.deltas or event.ending:
+            for channel, text in data.texts.items():
+                self._judge_channel(data, channel, text, closing=channel in event.ending)
+        if event.deltas or event.data is None or event.data == "[DONE]":
+            return
+        if event.document is not None:
+            new_document = self._filter_document(event.document)
+            if new_document is not None:
+                data.replace_event(_dump_json(new_document))
+        else:
+            new_text = self._filter_fields([TextField((), event.data)])
+            if new_text:
+                data.replace_event(new_text[0])
+
+    def _judge_channel(self, data: PluginData, channel: TextChannel, text: str, *, closing: bool) -> None:
+        canonical = canonical_text(text)
+        matches = [m.span() for m in self._banned.finditer(canonical) if m.end() > m.start()]
+        if matches and not self._redact:
+            raise Reject(self.config.status_code, self.config.message, code="content_filtered")
+        # Matches that end before the held-back tail cannot grow any more: mask them now. One
+        # reaching into the tail may still grow: keep it back from where it starts.
+        cut = len(canonical) if closing else len(canonical) - self._holdback
+        settled = [(start, end, True) for start, end in matches if end <= cut]
+        growing = [start for start, end in matches if end > cut]
+        if settled:
+            masked = _masked(canonical, settled, self.config.mask)
+            growing = [start + len(masked) - len(canonical) for start in growing]
+            data.set_text(channel, masked)
+            text = canonical = masked
+        if closing:
+            return
+        keep = len(canonical) - min(growing) if growing else self._holdback
+        data.hold(channel, _raw_chars_covering(text, canonical, keep))
 
     def _uninspectable(self, error: ValueError, status: int) -> Exception:
         """A body the filter cannot read is never let through unread: a prompt is refused with
@@ -300,6 +389,21 @@ class ContentFilter(Plugin):
                     first = False
                 start, piece = piece_end, piece + 1
         return spans
+
+
+def _raw_chars_covering(text: str, canonical: str, wanted: int) -> int:
+    """How many characters at the end of ``text`` to keep back so that their canonical form
+    holds ``wanted`` characters: dropped invisible characters and composed sequences make the
+    canonical form shorter, and must not let part of a match leave early."""
+    if text is canonical or len(text) == len(canonical):
+        return min(wanted, len(text))
+    count = min(wanted, len(text))
+    while count < len(text):
+        shortfall = wanted - len(canonical_text(text[-count:]))
+        if shortfall <= 0:
+            break
+        count = min(len(text), count + shortfall)
+    return count
 
 
 def _masked(text: str, spans: list[Span], mask: str) -> str:

@@ -1,0 +1,376 @@
+"""A streamed response through the chain: network chunks in, server-sent events judged, chunks out.
+
+The one place that turns Envoy's STREAMED body chunks into the events plugins see and back:
+
+- :class:`EventFramer` reassembles events split over chunks and splits chunks holding several,
+  keeping each event's bytes so that an event no plugin changed leaves exactly as it came;
+- :func:`decode_deltas` finds the delta text of OpenAI chat completions, completions and
+  Responses API events, per :class:`~pluginchain.TextChannel`;
+- :class:`ResponseStream` runs the chain's EVENTS-mode plugins on each event, keeps back no more
+  of each channel's text than the strictest of them needs, sends the rest in the event's own
+  delta (or, when text is released without a delta to carry it, in an event made like the
+  channel's last one), buffers the stream for WHOLE-mode plugins up to its limit, and ends the
+  stream with one ``data: {"error": ...}`` event when a plugin rejects.
+
+No third-party SSE parser fits here: they parse a response they pull from (httpx-sse keeps its
+incremental decoder private, sseclient-py reads a blocking iterator), while the sidecar is handed
+chunks and must give each event's own bytes back. Framing follows the WHATWG event-stream rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pluginchain._api.plugin import Exchange, Reject, Stage, parse_json
+from pluginchain._api.stream import StreamEvent, TextChannel
+from pluginchain._engine.plan import CompiledChain
+
+logger = logging.getLogger("pluginchain.stream")
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+_DONE = "[DONE]"
+
+JsonPath = tuple[str | int, ...]
+
+
+class StreamTooLarge(ValueError):
+    """An event, or a stream a WHOLE-mode plugin buffers, passed its byte limit."""
+
+
+class EventFramer:
+    """Cuts a byte stream into events: each ends at an empty line (CRLF, LF or CR line breaks)."""
+
+    __slots__ = ("_buffer", "_limit")
+
+    def __init__(self, limit_bytes: int):
+        self._buffer = b""
+        self._limit = limit_bytes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events ``chunk`` completes, each with its blank line; the rest waits for more."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events = []
+        start = 0
+        for end in _EVENT_END.finditer(buffer):
+            # A lone CR at the very end may be the first half of a CRLF still in flight.
+            if end.end() == len(buffer) and buffer.endswith(b"\r"):
+                break
+            events.append(buffer[start:end.end()])
+            start = end.end()
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._limit:
+            raise StreamTooLarge(f"a stream event exceeds {self._limit} bytes")
+        return events
+
+    def rest(self) -> bytes:
+        """What is left when the stream ends (an event without its blank line)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+@dataclass(slots=True)
+class RawEvent:
+    """One event's bytes and fields."""
+
+    raw: bytes
+    type: str | None
+    data: str | None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> RawEvent:
+        kind, data = None, []
+        for line in _LINE_BREAK.split(raw.decode("utf-8", "replace")):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+        return cls(raw, kind, "\n".join(data) if data else None)
+
+    def with_data(self, payload: str) -> bytes:
+        """These bytes with the data field set to ``payload`` (other fields kept, in order)."""
+        lines: list[str] = []
+        placed = False
+        for line in _LINE_BREAK.split(self.raw.decode("utf-8", "replace")):
+            if not line:
+                continue
+            if line.startswith("data:") or line == "data":
+                if not placed:
+                    lines.extend("data: " + part for part in payload.split("\n"))
+                    placed = True
+                continue
+            lines.append(line)
+        if not placed:
+            lines.extend("data: " + part for part in payload.split("\n"))
+        return ("\n".join(lines) + "\n\n").encode()
+
+
+def decode_deltas(document: Any) -> list[tuple[TextChannel, JsonPath]]:
+    """Where an OpenAI streaming event carries delta text, per channel."""
+    if not isinstance(document, dict):
+        return []
+    kind = document.get("type")
+    if isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
+        if isinstance(document.get("delta"), str):
+            return [(_responses_channel(document, kind[len("response."):-len(".delta")]), ("delta",))]
+        return []
+    found: list[tuple[TextChannel, JsonPath]] = []
+    choices = document.get("choices")
+    if not isinstance(choices, list):
+        return found
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        index = _index(choice, position)
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in ("content", "refusal"):
+                if isinstance(delta.get(key), str):
+                    found.append((TextChannel(key, index), ("choices", position, "delta", key)))
+            calls = delta.get("tool_calls")
+            for call_position, call in enumerate(calls if isinstance(calls, list) else ()):
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    path = ("choices", position, "delta", "tool_calls", call_position, "function", "arguments")
+                    found.append((TextChannel("tool_arguments", index, _index(call, call_position)), path))
+        elif isinstance(choice.get("text"), str):
+            found.append((TextChannel("text", index), ("choices", position, "text")))
+    return found
+
+
+def ended_choices(document: Any) -> tuple[bool, set[tuple[str, int]] | set[int]]:
+    """What an event ends: (True, _) for the whole response; else (False, the choice indexes
+    that finish here, or for the Responses API the (kind, output index) that is done)."""
+    if not isinstance(document, dict):
+        return False, set()
+    kind = document.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            return True, set()
+        if kind.endswith(".done"):
+            return False, {(kind[len("response."):-len(".done")], _int(document.get("output_index")))}
+        return False, set()
+    choices = document.get("choices")
+    finished: set[int] = set()
+    for position, choice in enumerate(choices if isinstance(choices, list) else ()):
+        if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+            finished.add(_index(choice, position))
+    return False, finished
+
+
+def _responses_channel(document: dict[str, Any], kind: str) -> TextChannel:
+    return TextChannel(kind, _int(document.get("output_index")), _int(document.get("content_index")))
+
+
+def _index(element: dict[str, Any], position: int) -> int:
+    index = element.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else position
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _set_path(document: Any, path: JsonPath, value: str) -> None:
+    for key in path[:-1]:
+        document = document[key]
+    document[path[-1]] = value
+
+
+def _dump(document: Any) -> str:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(slots=True)
+class _Template:
+    """The last event that carried a channel's delta: what a flush event for it is made from."""
+
+    event: RawEvent
+    document: Any
+    paths: list[tuple[TextChannel, JsonPath]]
+
+
+class StreamEnded(Exception):
+    """The chain ended the stream (a reject, or a limit passed): ``event`` is its last event."""
+
+    def __init__(self, event: bytes, reason: str):
+        super().__init__(reason)
+        self.event = event
+
+
+class ResponseStream:
+    """One streamed response on its way through a chain's post_request plugins."""
+
+    def __init__(self, chain: CompiledChain, exchange: Exchange, max_event_bytes: int, max_buffer_bytes: int):
+        self.chain = chain
+        self.exchange = exchange
+        plan = chain.stream
+        self._holdback = plan.holdback
+        self._framer = EventFramer(max_event_bytes)
+        self._pending: dict[TextChannel, str] = {}
+        self._templates: dict[TextChannel, _Template] = {}
+        self._whole: list[bytes] | None = [] if plan.at_end else None
+        self._whole_size = 0
+        self._whole_limit = plan.limit_bytes or max_buffer_bytes
+        self.rejection: Reject | None = None
+        """Set once a plugin rejected: the stream was ended with its error event."""
+        self.ended = False
+
+    async def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        """What to send the client for this chunk of the upstream's stream."""
+        if self.ended:
+            return b""
+        try:
+            out = []
+            for raw in self._framer.feed(chunk):
+                out.extend(await self._event(RawEvent.parse(raw), final=False))
+            if end_of_stream:
+                rest = self._framer.rest()
+                if rest.strip():
+                    out.extend(await self._event(RawEvent.parse(rest), final=True))
+                out.extend(self._flush(self._pending))
+                self.ended = True
+            output = b"".join(out)
+            if self._whole is not None:
+                return await self._buffer_whole(output, end_of_stream)
+            return output
+        except StreamEnded as ended:
+            self.ended = True
+            return ended.event
+        except StreamTooLarge as error:
+            self.ended = True
+            rejection = Reject(502, f"response stream ended by the gateway: {error}", code="stream_too_large", type="server_error")
+            self.rejection = rejection
+            logger.error("%s; ending the stream with an error event", error, extra=self._log_context())
+            return _error_event(rejection)
+
+    async def _event(self, event: RawEvent, *, final: bool) -> list[bytes]:
+        if event.data is None:
+            return [event.raw]  # a comment or a field without data: nothing to judge
+        document = None
+        if event.data != _DONE:
+            try:
+                document = parse_json(event.data)
+            except ValueError:
+                document = None
+        deltas = decode_deltas(document)
+        ends_all, ended = ended_choices(document)
+        ends_all = ends_all or final or event.data == _DONE
+        texts = {channel: _get_path(document, path) for channel, path in deltas}
+        for channel, text in texts.items():
+            self._pending[channel] = self._pending.get(channel, "") + text
+        ending = {channel for channel in self._pending if ends_all or _ends(channel, ended)}
+        stream_event = StreamEvent(
+            type=event.type, data=event.data, document=document, deltas=texts, pending=self._pending,
+            final=ends_all, ending=frozenset(ending),
+        )
+        await self._judge(stream_event)
+        ending &= self._pending.keys()
+        out: list[bytes] = []
+        # Text that an ending channel still holds goes out before the event that ends it.
+        out.extend(self._flush({channel: self._pending.pop(channel) for channel in ending - texts.keys()}))
+        if deltas:
+            document = copy.deepcopy(document)
+            for channel, path in deltas:
+                keep = 0 if channel in ending else max(self._holdback, stream_event.holds.get(channel, 0))
+                release, held = _split(self._pending.pop(channel, ""), keep)
+                _set_path(document, path, release)
+                if held:
+                    self._pending[channel] = held
+            template = _Template(event, document, deltas)
+            self._templates.update({channel: template for channel, _ in deltas})
+            out.append(event.with_data(_dump(document)))
+        elif stream_event.replacement is not None:
+            out.append(event.with_data(stream_event.replacement))
+        else:
+            out.append(event.raw)
+        return out
+
+    async def _judge(self, event: StreamEvent) -> None:
+        """Run the EVENTS-mode plugins on ``event``; a reject ends the stream."""
+        groups = self.chain.stream.per_event
+        if not groups:
+            return
+        exchange = self.exchange
+        exchange.event = event
+        try:
+            result = await self.chain.run_stage(Stage.POST_REQUEST, exchange, groups)
+        finally:
+            exchange.event = None
+        if result.rejection is not None:
+            self.rejection = result.rejection
+            logger.warning(
+                "plugin %s ended the response stream: %s", result.rejection.plugin_id or "(failure)", result.rejection.code,
+                extra=self._log_context(),
+            )
+            raise StreamEnded(_error_event(result.rejection), "rejected")
+
+    def _flush(self, texts: dict[TextChannel, str]) -> list[bytes]:
+        """Events that carry ``texts``, each made like the last event of its channel."""
+        out = []
+        for channel, text in list(texts.items()):
+            template = self._templates.get(channel)
+            if not text or template is None:
+                continue
+            document = copy.deepcopy(template.document)
+            for other, path in template.paths:
+                _set_path(document, path, text if other == channel else "")
+            out.append(template.event.with_data(_dump(document)))
+            texts.pop(channel, None)
+        return out
+
+    async def _buffer_whole(self, output: bytes, end_of_stream: bool) -> bytes:
+        assert self._whole is not None
+        self._whole.append(output)
+        self._whole_size += len(output)
+        if self._whole_size > self._whole_limit:
+            raise_limit = StreamTooLarge(f"the stream exceeds the {self._whole_limit} bytes a plugin may hold back")
+            self._whole = None
+            raise raise_limit
+        if not end_of_stream:
+            return b""
+        response = self.exchange.response
+        assert response is not None
+        response.body = b"".join(self._whole)
+        self._whole = None
+        result = await self.chain.run_stage(Stage.POST_REQUEST, self.exchange, self.chain.stream.at_end)
+        if result.rejection is not None:
+            self.rejection = result.rejection
+            return _error_event(result.rejection)
+        return response.body or b""
+
+    def _log_context(self) -> dict[str, str]:
+        return {"chain": self.chain.name, "request_id": self.exchange.request_id}
+
+
+def _ends(channel: TextChannel, ended: set[Any]) -> bool:
+    return channel.choice in ended or (channel.kind, channel.choice) in ended
+
+
+def _split(text: str, keep: int) -> tuple[str, str]:
+    """``text`` as (what may be sent now, the last ``keep`` characters held back)."""
+    if keep <= 0:
+        return text, ""
+    if len(text) <= keep:
+        return "", text
+    return text[:-keep], text[-keep:]
+
+
+def _get_path(document: Any, path: JsonPath) -> str:
+    for key in path:
+        document = document[key]
+    return str(document)
+
+
+def _error_event(rejection: Reject) -> bytes:
+    """The last event of a stream a plugin ended: OpenAI's error shape, which the SDKs raise."""
+    return b"data: " + rejection.body + b"\n\n"
