@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from pluginchain import Needs, Reject, Stage
+from pluginchain import Needs, Reject, Stage, StreamMode
 from pluginchain.plugins.external_validator import (
     DEFAULT_URL,
     ExternalValidator,
@@ -239,7 +239,7 @@ async def test_send_limits_the_parts_sent_and_the_bodies_asked_of_envoy(validato
 
 
 def test_post_request_with_body_asks_envoy_for_both_bodies(plugins):
-    assert plugins({}, stage=Stage.POST_REQUEST).needs() == Needs(request_body=True, response_body=True)
+    assert plugins({}, stage=Stage.POST_REQUEST).needs() == Needs(request_body=True, response_body=True, stream=StreamMode.WHOLE)
     assert plugins({"send": ["headers"]}, stage=Stage.POST_REQUEST).needs() == Needs()
 
 

@@ -237,6 +237,9 @@ class ResponseStream:
                 rest = self._framer.rest()
                 if rest.strip():
                     out.extend(await self._event(RawEvent.parse(rest), final=True))
+                if self._pending:
+                    # The upstream ended without [DONE] or a finish: judge what is held as final.
+                    await self._judge(StreamEvent(None, None, pending=self._pending, final=True, ending=frozenset(self._pending)))
                 out.extend(self._flush(self._pending))
                 self.ended = True
             output = b"".join(out)

@@ -17,6 +17,12 @@ The request to the service::
      "request": {"headers": {...}, "body": <JSON value, or text when the body is not JSON>},
      "response": {"headers": {...}, "body": ...}}        # post_request only
 
+In ``post_request`` a streamed completion (``text/event-stream``) is sent whole, once it has
+ended: the service judges the completion, never a part of it as if it were all. The client gets
+nothing of the stream before the verdict (WHOLE mode; a stream longer than the sidecar's body
+limit ends with a ``stream_too_large`` error event). Put ``content_filter`` in front for checks
+that must not delay the first token.
+
 ``request``/``response`` carry only the parts listed in ``send``. Credentials in headers
 (``authorization``, ``proxy-authorization``, ``cookie``, ``set-cookie``, ``x-api-key``,
 ``api-key``) are never sent unless ``forward_headers`` names them.
@@ -58,6 +64,7 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
+from pluginchain._api.stream import StreamMode
 
 DEFAULT_URL = "http://127.0.0.1:8090/validate"
 
@@ -198,6 +205,7 @@ class ExternalValidator(Plugin):
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.PRE_REQUEST, Stage.POST_REQUEST})
     supports_parallel: ClassVar[bool] = True
     reads_body: ClassVar[bool] = True
+    streams: ClassVar[frozenset[StreamMode]] = frozenset({StreamMode.WHOLE})
 
     config: ExternalValidatorConfig
 
@@ -211,9 +219,11 @@ class ExternalValidator(Plugin):
 
     def needs(self) -> Needs:
         # In post_request the service is sent the request as well as the response.
+        response_body = self._send_body and self.stage is Stage.POST_REQUEST
         return Needs(
             request_body=self._send_body,
-            response_body=self._send_body and self.stage is Stage.POST_REQUEST,
+            response_body=response_body,
+            stream=StreamMode.WHOLE if response_body else None,
         )
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
