@@ -6,6 +6,7 @@ What a client would notice: the events it receives, when text leaves, what never
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,8 @@ from pluginchain._engine.plan import compile_plan
 from pluginchain._engine.streaming import EventFramer, ResponseStream
 
 SSN = r"\b\d{3}-\d{2}-\d{4}\b"
+ROOT = Path(__file__).parents[2]
+README = ROOT / "README.md"
 
 
 class WholeConfig(PluginConfig):
@@ -274,3 +277,20 @@ def test_a_plugin_that_cannot_judge_streams_is_refused_in_post_request():
     with pytest.raises(ConfigError) as caught:
         validate_document([{"name": "streams_nothing", "stage": "post_request"}], registry())
     assert "cannot judge a streamed response" in str(caught.value)
+
+
+async def test_the_readme_example_plugin_calms_shouts_streamed_or_not():
+    example = ROOT / "examples" / "plugins" / "shout_guard.py"
+    assert example.read_text().split('"""', 2)[2].strip() in README.read_text(), "README shows examples/plugins/shout_guard.py"
+    registry = default_registry([str(example)])
+    chain = compile_plan(validate_document([{"name": "shout_guard", "stage": "post_request"}], registry), registry).chains["default"]
+
+    exchange = Exchange(request=HttpMessage({}), response=HttpMessage({":status": "200"}))
+    stream = ResponseStream(chain, exchange, max_event_bytes=1 << 20, max_buffer_bytes=1 << 20)
+    received = await feed_all(stream, chat_stream("I SAID HELL", "O THERE", ", OK? FINE."))
+    assert content(b"".join(received)) == "I said hello there, OK? fine."
+
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "STOP SHOUTING"}}]}
+    exchange = Exchange(request=HttpMessage({}), response=HttpMessage({":status": "200"}, json.dumps(body).encode()))
+    await chain.run_stage(Stage.POST_REQUEST, exchange)
+    assert json.loads(exchange.response.body)["choices"][0]["message"]["content"] == "stop shouting"

@@ -41,9 +41,10 @@ class EnvoySettings:
     max_body_bytes: int = DEFAULTS.max_body_bytes
     """Envoy's buffer limit, equal to the sidecar's body limit: larger bodies get 413."""
     message_timeout: str = DEFAULTS.message_timeout
-    """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins)."""
+    """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins);
+    on a streamed completion, to each chunk's answer, so the stream itself may last longer."""
     upstream_timeout: str = DEFAULTS.upstream_timeout
-    """How long an LLM call may take; completions can be slow."""
+    """How long an LLM call may take, a streamed completion to its last event included."""
     failure_mode_allow: bool = False
     """False: an unreachable sidecar fails requests closed."""
 
