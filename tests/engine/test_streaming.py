@@ -294,3 +294,10 @@ async def test_the_readme_example_plugin_calms_shouts_streamed_or_not():
     exchange = Exchange(request=HttpMessage({}), response=HttpMessage({":status": "200"}, json.dumps(body).encode()))
     await chain.run_stage(Stage.POST_REQUEST, exchange)
     assert json.loads(exchange.response.body)["choices"][0]["message"]["content"] == "stop shouting"
+
+
+async def test_a_stream_inventing_a_new_channel_per_event_is_ended_not_remembered():
+    stream = stream_through(redactor())
+    chunks = [chat_event(None, tool_calls=[{"index": i, "function": {"arguments": "x"}}]) for i in range(1100)]
+    received = b"".join(await feed_all(stream, chunks))
+    assert events(received)[-1]["error"]["code"] == "stream_too_large"  # type: ignore[index]

@@ -38,6 +38,10 @@ _DONE = "[DONE]"
 
 JsonPath = tuple[str | int, ...]
 
+MAX_CHANNELS = 1024
+"""Texts one stream may write (choices times tool calls): what the sidecar keeps per channel is
+small, but an upstream numbering a new tool call in every event must not grow it without end."""
+
 
 class StreamTooLarge(ValueError):
     """An event, or a stream a WHOLE-mode plugin buffers, passed its byte limit."""
@@ -291,6 +295,8 @@ class ResponseStream:
                     self._pending[channel] = held
             template = _Template(event, document, deltas)
             self._templates.update({channel: template for channel, _ in deltas})
+            if len(self._templates) > MAX_CHANNELS:
+                raise StreamTooLarge(f"the stream writes more than {MAX_CHANNELS} texts (choices, tool calls)")
             out.append(event.with_data(_dump(document)))
         elif stream_event.replacement is not None:
             out.append(event.with_data(stream_event.replacement))

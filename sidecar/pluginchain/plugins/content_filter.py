@@ -259,9 +259,11 @@ class ContentFilter(Plugin):
     def _judge_event(self, data: PluginData, event: StreamEvent) -> None:
         """One event of a streamed completion: the pending text of each channel, or, for an
         event without deltas, its data as a whole."""
-        if event.deltas or event.ending:
-            for channel, text in data.texts.items():
-                self._judge_channel(data, channel, text, closing=channel in event.ending)
+        # A channel without new text, not ending, was judged as it is at an earlier event.
+        texts = data.texts
+        for channel in event.deltas.keys() | event.ending:
+            if channel in texts:
+                self._judge_channel(data, channel, texts[channel], closing=channel in event.ending)
         if event.deltas or event.data is None or event.data == "[DONE]":
             return
         if event.document is not None:
