@@ -301,3 +301,12 @@ async def test_a_stream_inventing_a_new_channel_per_event_is_ended_not_remembere
     chunks = [chat_event(None, tool_calls=[{"index": i, "function": {"arguments": "x"}}]) for i in range(1100)]
     received = b"".join(await feed_all(stream, chunks))
     assert events(received)[-1]["error"]["code"] == "stream_too_large"  # type: ignore[index]
+
+
+async def test_text_released_before_a_reject_reaches_the_client_however_the_chunks_were_cut():
+    chunks = chat_stream("Before ", "the reject, plenty of allowed text. ", "Now 123-45-6789", " after")
+    one_per_event = b"".join(await feed_all(stream_through(redactor("reject")), chunks))
+    all_at_once = await stream_through(redactor("reject")).feed(b"".join(chunks), True)
+    # The last 10 characters before the match were still held back (the pattern's longest match less one).
+    assert content(one_per_event) == content(all_at_once) == "Before the reject, plenty of allowed text. "[:-10]
+    assert events(all_at_once)[-1]["error"]["code"] == "content_filtered"  # type: ignore[index]

@@ -222,7 +222,8 @@ class ResponseStream:
         self._framer = EventFramer(max_event_bytes)
         self._pending: dict[TextChannel, str] = {}
         self._templates: dict[TextChannel, _Template] = {}
-        self._whole: list[bytes] | None = [] if plan.at_end else None
+        self._whole_mode = bool(plan.at_end)
+        self._whole: list[bytes] | None = [] if self._whole_mode else None
         self._whole_size = 0
         self._whole_limit = plan.limit_bytes or max_buffer_bytes
         self.rejection: Reject | None = None
@@ -233,8 +234,8 @@ class ResponseStream:
         """What to send the client for this chunk of the upstream's stream."""
         if self.ended:
             return b""
+        out: list[bytes] = []
         try:
-            out = []
             for raw in self._framer.feed(chunk):
                 out.extend(await self._event(RawEvent.parse(raw), final=False))
             if end_of_stream:
@@ -252,13 +253,19 @@ class ResponseStream:
             return output
         except StreamEnded as ended:
             self.ended = True
-            return ended.event
+            return self._judged_before_the_end(out) + ended.event
         except StreamTooLarge as error:
             self.ended = True
             rejection = Reject(502, f"response stream ended by the gateway: {error}", code="stream_too_large", type="server_error")
             self.rejection = rejection
             logger.error("%s; ending the stream with an error event", error, extra=self._log_context())
-            return _error_event(rejection)
+            return self._judged_before_the_end(out) + _error_event(rejection)
+
+    def _judged_before_the_end(self, out: list[bytes]) -> bytes:
+        """What earlier events of the chunk that ended the stream released: the client gets the
+        same text before the error however the upstream's bytes were cut into chunks. Nothing
+        when a WHOLE-mode member has not judged it."""
+        return b"" if self._whole_mode else b"".join(out)
 
     async def _event(self, event: RawEvent, *, final: bool) -> list[bytes]:
         if event.data is None:
