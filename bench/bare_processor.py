@@ -8,8 +8,12 @@ phase is answered with CONTINUE. The answer to the request headers carries the s
 - ``--mode headers``: request body NONE, response headers SKIP (a header-only chain);
 - ``--mode body``: request body BUFFERED, response headers SKIP (a chain that reads the request
   body and has no post_request plugin); the body phase is answered with CONTINUE.
+- ``--mode stream``: request body NONE, response headers SEND, response body NONE; the answer to
+  the response headers switches the response body to STREAMED (what pluginchain does for a
+  ``text/event-stream`` answer when a post_request plugin reads the body), and every response
+  body chunk is answered with an empty BodyResponse: the chunk goes on unchanged.
 
-    .venv/bin/python bench/bare_processor.py --port 50061 --mode body
+    .venv/bin/python bench/bare_processor.py --port 50061 --mode body   # or headers, stream
 """
 
 from __future__ import annotations
@@ -33,11 +37,18 @@ def mode_override(mode: str) -> processing_mode_pb2.ProcessingMode:
     return _Mode(
         request_header_mode=_Mode.SEND,
         request_body_mode=_Mode.BUFFERED if mode == "body" else _Mode.NONE,
-        response_header_mode=_Mode.SKIP,
+        response_header_mode=_Mode.SEND if mode == "stream" else _Mode.SKIP,
         response_body_mode=_Mode.NONE,
         request_trailer_mode=_Mode.SKIP,
         response_trailer_mode=_Mode.SKIP,
     )
+
+
+def streamed_override() -> processing_mode_pb2.ProcessingMode:
+    """``--mode stream``'s override in the answer to the response headers: body chunk by chunk."""
+    mode = mode_override("stream")
+    mode.response_body_mode = _Mode.STREAMED
+    return mode
 
 
 class BareProcessor(pb_grpc.ExternalProcessorServicer):
@@ -52,6 +63,9 @@ class BareProcessor(pb_grpc.ExternalProcessorServicer):
             "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
             "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
         }
+        if mode == "stream":
+            self._answers["response_headers"] = pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(), mode_override=streamed_override())
 
     async def Process(self, request_iterator, context):
         answers = self._answers
@@ -81,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061)
-    parser.add_argument("--mode", choices=("headers", "body"), default="headers")
+    parser.add_argument("--mode", choices=("headers", "body", "stream"), default="headers")
     args = parser.parse_args()
     asyncio.run(serve(args.host, args.port, args.mode))
 

@@ -268,16 +268,16 @@ def test_events_the_sidecar_does_not_know_pass_byte_for_byte(shared, chunking):
 
 
 def test_a_stream_longer_than_envoys_timeouts_completes(shared, tmp_path):
-    # A second Envoy in front of the same sidecar, waiting at most 1 s for any of its answers
+    # A second Envoy in front of the same sidecar, waiting at most 0.4 s for any of its answers
     # (message_timeout, also the gRPC stream's timeout).
     gw = Gateway(tmp_path, shared.chain_file, shared.upstream, sidecar_port=shared.sidecar_port)
     try:
-        gw.start_envoy(message_timeout="1s")
+        gw.start_envoy(message_timeout="0.4s")
         said = "my 123-45-6789 is safe"
-        reads = stream_raw(gw, said, headers={"x-demo-delay": "0.18", "x-demo-repeat": "4"})
+        reads = stream_raw(gw, said, headers={"x-demo-delay": "0.08", "x-demo-repeat": "4"})
     finally:
         gw.stop()
-    assert reads[-1][0] > 3 * 1.0  # the stream outlived the timeout three times
+    assert reads[-1][0] > 3 * 0.4  # the stream outlived the timeout three times
     events = parse_events(b"".join(data for _, data in reads))
     assert events[-1].data == "[DONE]"
     assert content_of(events) == " ".join(["You said: my [REDACTED] is safe"] * 4)
