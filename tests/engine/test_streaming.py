@@ -310,3 +310,10 @@ async def test_text_released_before_a_reject_reaches_the_client_however_the_chun
     # The last 10 characters before the match were still held back (the pattern's longest match less one).
     assert content(one_per_event) == content(all_at_once) == "Before the reject, plenty of allowed text. "[:-10]
     assert events(all_at_once)[-1]["error"]["code"] == "content_filtered"  # type: ignore[index]
+
+
+async def test_an_event_too_deeply_nested_to_read_ends_the_stream():
+    nested = b"data: " + b'{"a":' * 200 + b'"x"' + b"}" * 200 + b"\n\n"
+    received = await stream_through(redactor()).feed(chat_event("fine " * 5) + nested, True)
+    assert content(received) == ("fine " * 5)[:-10]  # what was released before it, not what was held
+    assert events(received)[-1]["error"]["code"] == "stream_unreadable"  # type: ignore[index]

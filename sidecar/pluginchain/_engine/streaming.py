@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pluginchain._api.plugin import Exchange, Reject, Stage, parse_json
+from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, Exchange, Reject, Stage, parse_json
 from pluginchain._api.stream import StreamEvent, TextChannel
 from pluginchain._engine.plan import CompiledChain
 
@@ -43,8 +43,16 @@ MAX_CHANNELS = 1024
 small, but an upstream numbering a new tool call in every event must not grow it without end."""
 
 
-class StreamTooLarge(ValueError):
+class StreamUnreadable(ValueError):
+    """A stream the chain cannot judge: it is ended with an error event, never let through."""
+
+    code = "stream_unreadable"
+
+
+class StreamTooLarge(StreamUnreadable):
     """An event, or a stream a WHOLE-mode plugin buffers, passed its byte limit."""
+
+    code = "stream_too_large"
 
 
 class EventFramer:
@@ -254,9 +262,9 @@ class ResponseStream:
         except StreamEnded as ended:
             self.ended = True
             return self._judged_before_the_end(out) + ended.event
-        except StreamTooLarge as error:
+        except StreamUnreadable as error:
             self.ended = True
-            rejection = Reject(502, f"response stream ended by the gateway: {error}", code="stream_too_large", type="server_error")
+            rejection = Reject(502, f"response stream ended by the gateway: {error}", code=error.code, type="server_error")
             self.rejection = rejection
             logger.error("%s; ending the stream with an error event", error, extra=self._log_context())
             return self._judged_before_the_end(out) + _error_event(rejection)
@@ -274,7 +282,10 @@ class ResponseStream:
         if event.data != _DONE:
             try:
                 document = parse_json(event.data)
-            except ValueError:
+            except BodyTooDeep:
+                # Not text either: its escapes would hide what it says from every plugin.
+                raise StreamUnreadable("a stream event nests JSON deeper than plugins read") from None
+            except BodyNotJSON:
                 document = None
         deltas = decode_deltas(document)
         ends_all, ended = ended_choices(document)
