@@ -305,3 +305,14 @@ def test_a_completion_that_is_not_streamed_is_still_redacted(shared):
             model="demo-model", messages=[{"role": "user", "content": "my SSN is 123 45 6789, keep it safe"}],
         )
     assert completion.choices[0].message.content == "You said: my SSN is [REDACTED], keep it safe"
+
+
+def test_a_completion_larger_than_envoys_read_ahead_is_still_judged_whole(shared):
+    # Envoy reads 64 KiB ahead of the chain into an upstream's answer; a buffered body goes on to
+    # the body limit, and the redactor sees all of it.
+    filler = "lorem ipsum " * 25_000  # 300 KB
+    with sdk(shared) as client:
+        completion = client.chat.completions.create(
+            model="demo-model", messages=[{"role": "user", "content": f"{filler}my SSN is 123 45 6789"}],
+        )
+    assert completion.choices[0].message.content == f"You said: {filler}my SSN is [REDACTED]"

@@ -43,7 +43,12 @@ class Defaults:
     message_timeout: str = "10s"
     """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins)."""
     upstream_timeout: str = "300s"
-    """How long an LLM call may take; completions can be slow."""
+    """How long an LLM call may take, a streamed completion to its last event included."""
+    upstream_read_buffer_bytes: int = 64 * 1024
+    """How much of an upstream's response Envoy reads ahead of the chain (64 KiB). A streamed
+    completion reaches the sidecar in chunks of at most about this size even when the upstream
+    is faster than the chain, so the sidecar's memory stays flat; a buffered body may still grow
+    to the body limit."""
 
     # --- The operator ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ chunks and must give each event's own bytes back. Framing follows the WHATWG eve
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -37,6 +38,9 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
 _DONE = "[DONE]"
 
 JsonPath = tuple[str | int, ...]
+
+_EVENTS_PER_TURN = 128
+"""Events of one chunk judged before the event loop gets a turn for other streams."""
 
 MAX_CHANNELS = 1024
 """Texts one stream may write (choices times tool calls): what the sidecar keeps per channel is
@@ -244,8 +248,12 @@ class ResponseStream:
             return b""
         out: list[bytes] = []
         try:
-            for raw in self._framer.feed(chunk):
+            for number, raw in enumerate(self._framer.feed(chunk), 1):
                 out.extend(await self._event(RawEvent.parse(raw), final=False))
+                if number % _EVENTS_PER_TURN == 0:
+                    # A chunk Envoy gathered while the sidecar was busy can hold thousands of
+                    # events: let other requests' work run between them.
+                    await asyncio.sleep(0)
             if end_of_stream:
                 rest = self._framer.rest()
                 if rest.strip():
@@ -304,7 +312,7 @@ class ResponseStream:
         # Text that an ending channel still holds goes out before the event that ends it.
         out.extend(self._flush({channel: self._pending.pop(channel) for channel in ending - texts.keys()}))
         if deltas:
-            document = copy.deepcopy(document)
+            # The document was parsed for this event alone and plugins only read it: edit it.
             for channel, path in deltas:
                 keep = 0 if channel in ending else max(self._holdback, stream_event.holds.get(channel, 0))
                 release, held = _split(self._pending.pop(channel, ""), keep)

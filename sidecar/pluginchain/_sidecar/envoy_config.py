@@ -45,6 +45,9 @@ class EnvoySettings:
     on a streamed completion, to each chunk's answer, so the stream itself may last longer."""
     upstream_timeout: str = DEFAULTS.upstream_timeout
     """How long an LLM call may take, a streamed completion to its last event included."""
+    upstream_read_buffer_bytes: int = DEFAULTS.upstream_read_buffer_bytes
+    """How far Envoy reads ahead of the chain into an upstream's response: bounds the chunks a
+    streamed completion reaches the sidecar in."""
     failure_mode_allow: bool = False
     """False: an unreachable sidecar fails requests closed."""
 
@@ -86,7 +89,7 @@ def render(settings: EnvoySettings) -> dict:
         "name": UPSTREAM_CLUSTER,
         "type": "STRICT_DNS",
         "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": settings.max_body_bytes,
+        "per_connection_buffer_limit_bytes": settings.upstream_read_buffer_bytes,
         "load_assignment": _endpoints(UPSTREAM_CLUSTER, upstream.hostname, upstream_port),
     }
     if upstream.scheme == "https":
