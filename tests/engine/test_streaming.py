@@ -317,3 +317,10 @@ async def test_an_event_too_deeply_nested_to_read_ends_the_stream():
     received = await stream_through(redactor()).feed(chat_event("fine " * 5) + nested, True)
     assert content(received) == ("fine " * 5)[:-10]  # what was released before it, not what was held
     assert events(received)[-1]["error"]["code"] == "stream_unreadable"  # type: ignore[index]
+
+
+async def test_events_whose_text_leaves_as_it_came_are_not_rewritten():
+    role, first, done = chat_event("", role="assistant"), chat_event("a" * 40), chat_event(finish="stop")
+    received = await feed_all(stream_through(redactor()), [role, first, chat_event(" and more"), done])
+    assert received[0] == role  # no text to hold: byte for byte
+    assert received[1] != first and content(received[1]) == "a" * 30  # 10 characters held back

@@ -313,17 +313,21 @@ class ResponseStream:
         out.extend(self._flush({channel: self._pending.pop(channel) for channel in ending - texts.keys()}))
         if deltas:
             # The document was parsed for this event alone and plugins only read it: edit it.
+            rewritten = False
             for channel, path in deltas:
                 keep = 0 if channel in ending else max(self._holdback, stream_event.holds.get(channel, 0))
                 release, held = _split(self._pending.pop(channel, ""), keep)
-                _set_path(document, path, release)
+                if release != texts[channel]:
+                    _set_path(document, path, release)
+                    rewritten = True
                 if held:
                     self._pending[channel] = held
             template = _Template(event, document, deltas)
             self._templates.update({channel: template for channel, _ in deltas})
             if len(self._templates) > MAX_CHANNELS:
                 raise StreamTooLarge(f"the stream writes more than {MAX_CHANNELS} texts (choices, tool calls)")
-            out.append(event.with_data(_dump(document)))
+            # An event that sends exactly the text it brought leaves as it came.
+            out.append(event.with_data(_dump(document)) if rewritten else event.raw)
         elif stream_event.replacement is not None:
             out.append(event.with_data(stream_event.replacement))
         else:
