@@ -216,10 +216,10 @@ class _Template:
 
 
 class StreamEnded(Exception):
-    """The chain ended the stream (a reject, or a limit passed): ``event`` is its last event."""
+    """A plugin ended the stream: ``event`` is its last event."""
 
-    def __init__(self, event: bytes, reason: str):
-        super().__init__(reason)
+    def __init__(self, event: bytes):
+        super().__init__("a plugin ended the stream")
         self.event = event
 
 
@@ -346,12 +346,8 @@ class ResponseStream:
         finally:
             exchange.event = None
         if result.rejection is not None:
-            self.rejection = result.rejection
-            logger.warning(
-                "plugin %s ended the response stream: %s", result.rejection.plugin_id or "(failure)", result.rejection.code,
-                extra=self._log_context(),
-            )
-            raise StreamEnded(_error_event(result.rejection), "rejected")
+            self._rejected(result.rejection)
+            raise StreamEnded(_error_event(result.rejection))
 
     def _flush(self, texts: dict[TextChannel, str]) -> list[bytes]:
         """Events that carry ``texts``, each made like the last event of its channel."""
@@ -372,9 +368,8 @@ class ResponseStream:
         self._whole.append(output)
         self._whole_size += len(output)
         if self._whole_size > self._whole_limit:
-            raise_limit = StreamTooLarge(f"the stream exceeds the {self._whole_limit} bytes a plugin may hold back")
             self._whole = None
-            raise raise_limit
+            raise StreamTooLarge(f"the stream exceeds the {self._whole_limit} bytes a plugin may hold back")
         if not end_of_stream:
             return b""
         response = self.exchange.response
@@ -383,9 +378,16 @@ class ResponseStream:
         self._whole = None
         result = await self.chain.run_stage(Stage.POST_REQUEST, self.exchange, self.chain.stream.at_end)
         if result.rejection is not None:
-            self.rejection = result.rejection
+            self._rejected(result.rejection)
             return _error_event(result.rejection)
         return response.body or b""
+
+    def _rejected(self, rejection: Reject) -> None:
+        self.rejection = rejection
+        logger.warning(
+            "plugin %s ended the response stream: %s", rejection.plugin_id or "(failure)", rejection.code,
+            extra=self._log_context(),
+        )
 
     def _log_context(self) -> dict[str, str]:
         return {"chain": self.chain.name, "request_id": self.exchange.request_id}
