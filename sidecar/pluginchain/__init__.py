@@ -19,6 +19,7 @@ from pluginchain._api.plugin import (
     PluginData,
     Reject,
     Stage,
+    Usage,
     parse_json,
 )
 from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
@@ -42,5 +43,6 @@ __all__ = [
     "StreamEvent",
     "StreamMode",
     "TextChannel",
+    "Usage",
     "parse_json",
 ]

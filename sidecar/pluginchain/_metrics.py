@@ -36,8 +36,30 @@ CHAIN_LATENCY = Histogram(
 
 REQUESTS = Counter(
     "pluginchain_requests",
-    "HTTP requests seen by the sidecar, by chain and outcome: allow, reject, error, cancelled.",
-    ["chain", "outcome"],
+    "HTTP requests seen by the sidecar, by chain, outcome (allow, reject, error, cancelled) and the "
+    "status class the client got (2xx..5xx; none when no response passed the sidecar).",
+    ["chain", "outcome", "status_class"],
+)
+TOKENS = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens one response used, as it reported them, by chain, model and type (input, output); "
+    "OpenTelemetry's gen_ai.client.token.usage. Counted where the chain reads responses.",
+    ["chain", "model", "type"],
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "gen_ai_server_time_to_first_token_seconds",
+    "Time from a request reaching the sidecar to the first text of its streamed completion leaving "
+    "for the client, by chain; OpenTelemetry's gen_ai.server.time_to_first_token.",
+    ["chain"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+UPSTREAM_LATENCY = Histogram(
+    "pluginchain_upstream_response_seconds",
+    "Time from the request going on upstream to the upstream's response headers, by chain "
+    "(for chains that see responses).",
+    ["chain"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
 RELOADS = Counter("pluginchain_config_reloads", "Config reload attempts by result: applied, invalid or unchanged.", ["result"])
 PLAN_VERSION = Gauge("pluginchain_config_version", "Version of the plan that serves new requests.")

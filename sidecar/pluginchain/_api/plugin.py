@@ -70,6 +70,14 @@ class Needs:
     stream_limit_bytes: int | None = None
     """WHOLE mode: the most of a stream it may have buffered; past it the stream ends with an
     error event. None: the sidecar's body limit."""
+    usage: bool = False
+    """It needs the token usage the response reports (``Exchange.usage``): the sidecar then
+    reads the response for it and asks a streamed completion to report it
+    (``stream_options.include_usage``), hiding that extra event from a client that did not ask."""
+    finish: bool = False
+    """Call :meth:`Plugin.finish` once the exchange is over (e.g. to charge what it used)."""
+    response_headers: bool = False
+    """It sets headers on the client's response from ``pre_request`` (``set_response_header``)."""
 
 
 def preferred_stream_mode(modes: frozenset[StreamMode]) -> StreamMode | None:
@@ -256,6 +264,18 @@ class Reject(Exception):
         return f"Reject(status={self.status}, message={self.message!r}, code={self.code!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one response reports it used (OpenAI's ``usage``: chat completions'
+    ``prompt_tokens``/``completion_tokens``, the Responses API's ``input_tokens``/``output_tokens``)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    model: str | None = None
+    """The model that answered, as the response names it."""
+
+
 @dataclass(slots=True)
 class Exchange:
     """Everything the chain knows about one HTTP request/response pair, across all stages."""
@@ -267,6 +287,11 @@ class Exchange:
     request_id: str = ""
     event: StreamEvent | None = None
     """While a streamed response passes: the event the post_request plugins are judging."""
+    usage: Usage | None = None
+    """The response's token usage, once it reported it: for every later plugin and stage, and
+    for ``finish``. None until then (or when it never did)."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers pre_request plugins set for the client's response (``set_response_header``)."""
 
 
 class PluginContext:
@@ -308,7 +333,7 @@ class PluginData:
 
     __slots__ = (
         "stage", "exchange", "metadata", "error", "_target",
-        "_set_headers", "_removed_headers", "_body", "_json", "_texts", "_holds", "_event_data",
+        "_set_headers", "_removed_headers", "_body", "_json", "_texts", "_holds", "_event_data", "_response_headers",
     )
 
     def __init__(self, stage: Stage, exchange: Exchange, error: Failure | None = None):
@@ -327,6 +352,7 @@ class PluginData:
         self._texts: dict[TextChannel, str] = {}
         self._holds: dict[TextChannel, int] = {}
         self._event_data: str | None = None
+        self._response_headers: dict[str, str] = {}
 
     @property
     def request(self) -> HttpMessage:
@@ -406,6 +432,11 @@ class PluginData:
             raise ValueError(f"no text pending on {channel} at this point of the stream")
         self._texts[channel] = text
 
+    def set_response_header(self, name: str, value: str) -> None:
+        """From ``pre_request`` (with ``Needs(response_headers=True)``): a header for the client's
+        response, whatever the upstream answers. Applied with the plugin's other changes."""
+        self._response_headers[name.lower()] = value
+
     def replace_event(self, data: str) -> None:
         """Replace the data field of the event being judged (JSON text, say), for an event that
         carries no delta text; the text of those goes through ``set_text``."""
@@ -428,6 +459,8 @@ class PluginData:
             target.set_header(name, value)
         if self._body is not None:
             target.replace_body(self._body, self._json)
+        if self._response_headers:
+            self.exchange.response_headers.update(self._response_headers)
         own_metadata = self.metadata.maps[0]  # type: ignore[attr-defined]
         if own_metadata:
             self.exchange.metadata.update(own_metadata)
@@ -510,6 +543,12 @@ class Plugin(ABC):
     @abstractmethod
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         """Run on one request: return to continue, raise :class:`Reject` to answer the client."""
+
+    async def finish(self, ctx: PluginContext, data: PluginData) -> None:
+        """With ``Needs(finish=True)``: called once the exchange is over, however it ended (the
+        response passed, a plugin rejected, the client went away), in the plugin's own stage.
+        ``data.exchange.usage`` holds the tokens used when the response reported them. Runs
+        after the client has its answer: it can change nothing of it, and a failure is logged."""
 
     async def aclose(self) -> None:
         """Release connections and other resources when the plan is replaced."""

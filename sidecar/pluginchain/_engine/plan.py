@@ -160,14 +160,20 @@ class CompiledChain:
         self.stages: dict[Stage, tuple[Group, ...]] = {
             stage: _group(p for p in self.plugins if p.stage is stage) for stage in Stage
         }
-        request_body = any(needs.request_body for _, needs in plugins)
-        response_body = any(needs.response_body for _, needs in plugins)
+        self.needs_usage = any(needs.usage for _, needs in plugins)
+        """Whether a member needs the response's token usage: the response is read for it, and a
+        stream is asked to report it (which needs the request body)."""
+        self.finishers = tuple(plugin for plugin, needs in plugins if needs.finish)
+        """Members whose ``finish`` runs once the exchange is over."""
+        request_body = self.needs_usage or any(needs.request_body for _, needs in plugins)
+        response_body = self.needs_usage or any(needs.response_body for _, needs in plugins)
+        response_headers = any(needs.response_headers for _, needs in plugins)
         has_post = bool(self.stages[Stage.POST_REQUEST])
         self.phases = Phases(
             request_headers=bool(self.stages[Stage.PRE_REQUEST]) or request_body,
             request_body=request_body,
             # The error stage also runs on upstream 5xx, which only the response headers show.
-            response_headers=has_post or bool(self.stages[Stage.ERROR]) or response_body,
+            response_headers=has_post or bool(self.stages[Stage.ERROR]) or response_body or response_headers,
             response_body=response_body,
         )
         post = [(plugin, needs) for plugin, needs in plugins if plugin.stage is Stage.POST_REQUEST]
@@ -209,6 +215,22 @@ class CompiledChain:
             if replacement is not None:
                 rejection = replacement
         return StageResult(rejection, failures)
+
+    async def finish(self, exchange: Exchange) -> None:
+        """Run the members' ``finish`` hooks once the exchange is over, each under its timeout.
+        Failures are logged and counted; the client has its answer already."""
+        for plugin in self.finishers:
+            member = self._members[plugin.id]
+            ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + plugin.settings.timeout)
+            try:
+                async with asyncio.timeout(plugin.settings.timeout):
+                    await plugin.finish(ctx, PluginData(plugin.stage, exchange))
+            except Exception as error:
+                member.outcomes["error"].inc()
+                logger.warning(
+                    "plugin %s failed to finish: %s: %s", plugin.id, type(error).__name__, error,
+                    extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
+                )
 
     async def run_error_stage(self, exchange: Exchange, failure: Failure, response: Reject | None = None) -> Reject | None:
         """Let the error stage see ``failure``; return its replacement for the client response.

@@ -30,6 +30,7 @@ from typing import Any
 from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, Exchange, Reject, Stage, parse_json
 from pluginchain._api.stream import StreamEvent, TextChannel
 from pluginchain._engine.plan import CompiledChain
+from pluginchain._engine.usage import is_usage_chunk, usage_of
 
 logger = logging.getLogger("pluginchain.stream")
 
@@ -226,9 +227,16 @@ class StreamEnded(Exception):
 class ResponseStream:
     """One streamed response on its way through a chain's post_request plugins."""
 
-    def __init__(self, chain: CompiledChain, exchange: Exchange, max_event_bytes: int, max_buffer_bytes: int):
+    def __init__(
+        self, chain: CompiledChain, exchange: Exchange, max_event_bytes: int, max_buffer_bytes: int, *, hide_usage: bool = False,
+    ):
         self.chain = chain
         self.exchange = exchange
+        self._hide_usage = hide_usage
+        """The sidecar asked for usage the client did not: drop the usage chunk and the
+        ``"usage": null`` of the other chunks."""
+        self.sent_text = False
+        """Whether text has left for the client yet (for time to first token)."""
         plan = chain.stream
         self._holdback = plan.holdback
         self._framer = EventFramer(max_event_bytes)
@@ -295,6 +303,16 @@ class ResponseStream:
                 raise StreamUnreadable("a stream event nests JSON deeper than plugins read") from None
             except BodyNotJSON:
                 document = None
+        usage = usage_of(document)
+        if usage is not None:
+            self.exchange.usage = usage
+        hidden_null = False
+        if self._hide_usage and isinstance(document, dict) and "usage" in document:
+            if is_usage_chunk(document):
+                return []
+            if document["usage"] is None:
+                del document["usage"]
+                hidden_null = True
         deltas = decode_deltas(document)
         ends_all, ended = ended_choices(document)
         ends_all = ends_all or final or event.data == _DONE
@@ -313,13 +331,14 @@ class ResponseStream:
         out.extend(self._flush({channel: self._pending.pop(channel) for channel in ending - texts.keys()}))
         if deltas:
             # The document was parsed for this event alone and plugins only read it: edit it.
-            rewritten = False
+            rewritten = hidden_null
             for channel, path in deltas:
                 keep = 0 if channel in ending else max(self._holdback, stream_event.holds.get(channel, 0))
                 release, held = _split(self._pending.pop(channel, ""), keep)
                 if release != texts[channel]:
                     _set_path(document, path, release)
                     rewritten = True
+                self.sent_text = self.sent_text or bool(release)
                 if held:
                     self._pending[channel] = held
             template = _Template(event, document, deltas)
@@ -330,6 +349,8 @@ class ResponseStream:
             out.append(event.with_data(_dump(document)) if rewritten else event.raw)
         elif stream_event.replacement is not None:
             out.append(event.with_data(stream_event.replacement))
+        elif hidden_null:
+            out.append(event.with_data(_dump(document)))
         else:
             out.append(event.raw)
         return out
@@ -360,6 +381,7 @@ class ResponseStream:
             for other, path in template.paths:
                 _set_path(document, path, text if other == channel else "")
             out.append(template.event.with_data(_dump(document)))
+            self.sent_text = True
             texts.pop(channel, None)
         return out
 

@@ -8,9 +8,13 @@ selected chain needs them (the filter runs with ``allow_mode_override: true``).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -20,14 +24,15 @@ from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import (
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from pluginchain._api.plugin import Exchange, Failure, HttpMessage, Reject, Stage
+from pluginchain._api.plugin import BodyNotJSON, Exchange, Failure, HttpMessage, Reject, Stage, Usage
 from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.models import DEFAULT_CHAIN
-from pluginchain._engine.plan import CompiledChain, Group
+from pluginchain._engine.plan import CompiledChain, Group, Plan
 from pluginchain._engine.streaming import ResponseStream
-from pluginchain._metrics import REQUESTS
+from pluginchain._engine.usage import ask_for_stream_usage, usage_of_body
+from pluginchain._metrics import REQUESTS, TIME_TO_FIRST_TOKEN, TOKENS, UPSTREAM_LATENCY
 from pluginchain._sidecar.plans import PlanHolder
-from pluginchain.plugins._content_coding import readable_accept_encoding
+from pluginchain.plugins._content_coding import UnreadableBody, inflate, readable_accept_encoding
 
 logger = logging.getLogger("pluginchain.extproc")
 
@@ -63,7 +68,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._limits = limits
         self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
         self._streamed_modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
-        self._counters: dict[tuple[str, str], object] = {}
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
 
     async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
         chain_name = _chain_name(context)
@@ -80,14 +86,45 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     stream.outcome = "cancelled"
                 raise
             finally:
-                self._request_counter(chain_name, stream.outcome).inc()
+                self._request_counter(chain_name, stream.outcome, stream.status_class).inc()
+                if chain is not None:
+                    self._after(plan, chain, stream)
 
-    def _request_counter(self, chain_name: str, outcome: str):
-        # Bound once per (chain, outcome): a labels() lookup takes a lock on every request.
-        counter = self._counters.get((chain_name, outcome))
+    def _request_counter(self, chain_name: str, outcome: str, status_class: str):
+        # Bound once per label set: a labels() lookup takes a lock on every request.
+        key = (chain_name, outcome, status_class)
+        counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[(chain_name, outcome)] = REQUESTS.labels(chain_name, outcome)
+            counter = self._counters[key] = REQUESTS.labels(*key)
         return counter
+
+    def _after(self, plan: Plan, chain: CompiledChain, stream: _Stream) -> None:
+        """What follows an exchange: its token metrics, and its members' ``finish`` hooks, in a
+        task of their own (the stream may have been cancelled) that keeps the plan open."""
+        usage = stream.exchange.usage
+        if usage is not None:
+            model = _model_label(usage.model)
+            TOKENS.labels(chain.name, model, "input").observe(usage.input_tokens)
+            TOKENS.labels(chain.name, model, "output").observe(usage.output_tokens)
+        if not chain.finishers or not stream.started:
+            return
+        holding = self._plans.use(plan)
+        holding.__enter__()
+
+        async def finish() -> None:
+            try:
+                await chain.finish(stream.exchange)
+            finally:
+                holding.__exit__(None, None, None)
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def aclose(self) -> None:
+        """Wait for the ``finish`` hooks still running (each is bounded by its plugin's timeout)."""
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     def _mode_for(self, chain: CompiledChain | None) -> _Mode | None:
         if chain is None:
@@ -122,7 +159,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 class _Stream:
     """The state of one HTTP request's exchange with Envoy."""
 
-    __slots__ = ("chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided", "streamed_mode", "response_stream")
+    __slots__ = (
+        "chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided", "streamed_mode", "response_stream",
+        "started", "sent_upstream", "hide_usage", "status_class",
+    )
 
     def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits, streamed_mode: _Mode | None):
         self.chain = chain
@@ -131,6 +171,14 @@ class _Stream:
         self.limits = limits
         self.streamed_mode = streamed_mode
         self.response_stream: ResponseStream | None = None
+        self.started = 0.0
+        """perf_counter() when the request headers arrived: 0 until then."""
+        self.sent_upstream = 0.0
+        """perf_counter() when the request went on upstream."""
+        self.hide_usage = False
+        """The sidecar asked a stream for usage the client did not ask for: hide it."""
+        self.status_class = "none"
+        """The response's status class (2xx...) as the client gets it; none without a response."""
         self.exchange = Exchange()
         self.outcome = "allow"
         self.decided = False
@@ -153,6 +201,7 @@ class _Stream:
     async def _request_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = request.request_headers
         exchange = self.exchange
+        self.started = time.perf_counter()
         exchange.request = HttpMessage(_header_dict(headers.headers))
         exchange.request_id = exchange.request.headers.get("x-request-id", "")
         exchange.client_address = _client_address(request)
@@ -178,6 +227,7 @@ class _Stream:
         if rejection is not None:
             return self._immediate(rejection)
         common = _common_response(exchange.request, body_phase=False)
+        self.sent_upstream = time.perf_counter()
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.mode)
 
     async def _request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -187,15 +237,34 @@ class _Stream:
         rejection = await self._run(Stage.PRE_REQUEST)
         if rejection is not None:
             return self._immediate(rejection)
+        assert self.chain is not None
+        if self.chain.needs_usage:
+            self._ask_for_stream_usage()
+        self.sent_upstream = time.perf_counter()
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_common_response(self.exchange.request, body_phase=True)))
+
+    def _ask_for_stream_usage(self) -> None:
+        request = self.exchange.request
+        try:
+            asked = ask_for_stream_usage(request.json())
+        except BodyNotJSON:
+            return
+        if asked is not None:
+            request.replace_body(json.dumps(asked, ensure_ascii=False, separators=(",", ":")).encode(), asked)
+            self.hide_usage = True
 
     async def _response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         assert self.chain is not None
-        self.exchange.response = HttpMessage(_header_dict(headers.headers))
+        response = self.exchange.response = HttpMessage(_header_dict(headers.headers))
+        if self.sent_upstream:
+            UPSTREAM_LATENCY.labels(self.chain_name).observe(time.perf_counter() - self.sent_upstream)
+        self.status_class = response.headers.get(":status", "")[:1] + "xx"
+        for name, value in self.exchange.response_headers.items():
+            response.set_header(name, value)
         if self.chain.phases.response_body and not headers.end_of_stream:
-            if _is_readable_event_stream(self.exchange.response.headers):
+            if _is_readable_event_stream(response.headers):
                 return await self._start_stream()
-            return _CONTINUE_RESPONSE_HEADERS
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(response, body_phase=False)))
         if headers.end_of_stream:
             self.exchange.response.body = b""
         rejection = await self._post_request()
@@ -221,13 +290,18 @@ class _Stream:
         # Plugins may change the body's length; the client learns it from the chunked framing.
         response.remove_header("content-length")
         limit = self.limits.max_body_bytes
-        self.response_stream = ResponseStream(self.chain, self.exchange, max_event_bytes=limit, max_buffer_bytes=limit)
+        self.response_stream = ResponseStream(
+            self.chain, self.exchange, max_event_bytes=limit, max_buffer_bytes=limit, hide_usage=self.hide_usage,
+        )
         common = _common_response(response, body_phase=False)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common), mode_override=self.streamed_mode)
 
     async def _stream_chunk(self, stream: ResponseStream, body: pb.HttpBody) -> pb.ProcessingResponse:
         chunk = body.body
+        had_text = stream.sent_text
         output = await stream.feed(chunk, body.end_of_stream)
+        if stream.sent_text and not had_text:
+            TIME_TO_FIRST_TOKEN.labels(self.chain_name).observe(time.perf_counter() - self.started)
         if stream.ended:
             self.decided = True
             if stream.rejection is not None and self.outcome == "allow":
@@ -251,6 +325,8 @@ class _Stream:
 
     async def _post_request(self) -> Reject | None:
         assert self.chain is not None and self.exchange.response is not None
+        if self.chain.needs_usage:
+            self.exchange.usage = _usage_of_response(self.exchange.response)
         status = self.exchange.response.headers.get(":status", "")
         if status.startswith("5"):
             failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
@@ -274,6 +350,7 @@ class _Stream:
 
     def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
         self.decided = True
+        self.status_class = f"{rejection.status // 100}xx"
         headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
         immediate = pb.ImmediateResponse(
             status={"code": rejection.status},
@@ -282,6 +359,35 @@ class _Stream:
             details=f"pluginchain_{rejection.code or 'rejected'}",
         )
         return pb.ProcessingResponse(immediate_response=immediate)
+
+
+_MODEL_LABELS: set[str] = set()
+_MAX_MODEL_LABELS = 64
+"""Distinct models the token metric names; more (an upstream naming every answer differently)
+are counted as ``other``, so the metric cannot grow without end."""
+
+
+def _model_label(model: str | None) -> str:
+    if not model:
+        return "unknown"
+    if model in _MODEL_LABELS:
+        return model
+    if len(_MODEL_LABELS) >= _MAX_MODEL_LABELS:
+        return "other"
+    _MODEL_LABELS.add(model)
+    return model
+
+
+def _usage_of_response(response: HttpMessage) -> Usage | None:
+    """The usage a buffered response body reports, read through its content coding."""
+    body = response.body
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if body and coding not in ("", "identity"):
+        try:
+            body = inflate(body, coding)
+        except UnreadableBody:
+            return None
+    return usage_of_body(body)
 
 
 def _is_readable_event_stream(headers: dict[str, str]) -> bool:

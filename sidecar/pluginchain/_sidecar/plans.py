@@ -47,9 +47,10 @@ class PlanHolder:
         return self._plan
 
     @contextlib.contextmanager
-    def use(self) -> Iterator[Plan]:
-        """The current plan, kept alive (not closed) until the block exits."""
-        plan = self._plan
+    def use(self, plan: Plan | None = None) -> Iterator[Plan]:
+        """The current plan (or ``plan``, which a request already uses), kept alive (not
+        closed) until the block exits."""
+        plan = plan or self._plan
         key = id(plan)
         self._users[key] = self._users.get(key, 0) + 1
         try:

@@ -134,6 +134,7 @@ class Sidecar:
         self.config_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._processor: ExternalProcessor | None = None
         self._config_server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -179,7 +180,8 @@ class Sidecar:
         ]
         server = grpc.aio.server(options=options)
         self._server = server
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.plans, limits), server)
+        self._processor = ExternalProcessor(self.plans, limits)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self._processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
@@ -268,6 +270,8 @@ class Sidecar:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
         await self._stop_servers(self.settings.grace)
+        if self._processor is not None:
+            await self._processor.aclose()  # finish hooks of the last requests (e.g. charging tokens)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
