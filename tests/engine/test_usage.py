@@ -106,3 +106,18 @@ async def test_a_chain_that_needs_usage_reads_requests_and_responses_and_finishe
     await chain.finish(exchange)
     await chain.finish(Exchange(request=HttpMessage({})))
     assert Meter.finished == [Usage(1, 2, 3, "m"), None]
+
+
+def test_every_metric_the_sidecar_exports_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from pluginchain import _metrics
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    metrics = [value for value in vars(_metrics).values() if isinstance(value, MetricWrapperBase)]
+    assert len(metrics) >= 10
+    for metric in metrics:
+        name = metric._name + ("_total" if metric._type == "counter" else "")
+        assert f"`{name}`" in readme, name
