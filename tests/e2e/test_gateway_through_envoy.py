@@ -240,7 +240,8 @@ def test_metrics_and_logs(gateway):
     assert 'pluginchain_plugin_decisions_total{chain="default",outcome="fail_open",plugin="explode"} 1.0' in metrics
     # A request is counted when Envoy closes its stream, just after the client got its answer. A
     # chain without post_request plugins never sees the response, so its status class is "none".
-    wait_until(lambda: 'pluginchain_requests_total{chain="default",outcome="allow",status_class="none"} 1.0' in httpx.get(gw.metrics_url).text, timeout=10, what="request counted")
+    counted = 'pluginchain_requests_total{chain="default",outcome="allow",status_class="none"} 1.0'
+    wait_until(lambda: counted in httpx.get(gw.metrics_url).text, timeout=10, what="request counted")
     assert "pluginchain_stage_duration_seconds_bucket" in metrics
     logs = gw.sidecar.output()
     failure_lines = [json.loads(line) for line in logs.splitlines() if "exploded on purpose" in line]
