@@ -73,7 +73,8 @@ PUSHES = Counter(
 
 RATE_LIMITER_BACKEND_ERRORS = Counter(
     "pluginchain_rate_limiter_backend_errors",
-    "Rate limit decisions the backend (Redis) could not make, by what on_backend_error decided.",
+    "Limiter decisions the backend (Redis) could not make (rate_limiter, token_limiter), by what happened: "
+    "allow or deny (what on_backend_error decided), unsettled (a token charge after the response failed).",
     ["chain", "plugin", "decision"],
 )
 

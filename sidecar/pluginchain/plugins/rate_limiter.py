@@ -27,8 +27,6 @@ Redis or memory dumps in the clear.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import math
 import time
 import weakref
@@ -36,9 +34,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pluginchain._api.durations import Duration, format_duration
@@ -53,18 +49,20 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._metrics import RATE_LIMITER_BACKEND_ERRORS
-
-REDIS_MAX_CONNECTIONS = 32
-"""Connections one ``redis`` limiter opens at most; decisions beyond that many at once queue for
-a connection (within ``redis_timeout``). A decision is one short script call, so a few
-connections carry thousands of decisions per second."""
+from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS as REDIS_MAX_CONNECTIONS
+from pluginchain.plugins._limits import (
+    BucketNames,
+    WarningSpacing,
+    check_backend_has_its_url,
+    check_redis_url,
+    key_header,
+    key_value,
+    parse_key,
+    redis_client,
+)
 
 _MICROS = 1_000_000
-_HEADER_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-_KEY_FORMS = "'global', 'client_address' or 'header:<name>' (e.g. 'header:x-api-key')"
 _BACKEND_ERROR_RETRY_AFTER = "1"
-_WARNING_INTERVAL = 10.0
-"""Seconds between two backend-error warnings of one instance, so an outage is not a log flood."""
 
 
 class RateLimiterConfig(PluginConfig):
@@ -110,27 +108,16 @@ class RateLimiterConfig(PluginConfig):
     @field_validator("key")
     @classmethod
     def _key_is_a_known_form(cls, value: str) -> str:
-        if value in ("global", "client_address"):
-            return value
-        kind, _, header = value.partition(":")
-        header = header.strip().lower()
-        if kind == "header" and header and set(header) <= _HEADER_TOKEN:
-            return f"header:{header}"
-        raise ValueError(f"not a rate limit key: {value!r}; expected {_KEY_FORMS}")
+        return parse_key(value, "rate limit")
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url_has_a_known_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"not a Redis URL: {value!r}; expected redis://, rediss:// or unix://")
-        return value
+        return check_redis_url(value)
 
     @model_validator(mode="after")
     def _redis_url_matches_backend(self) -> RateLimiterConfig:
-        if self.backend == "redis" and self.redis_url is None:
-            raise ValueError("backend 'redis' needs redis_url, e.g. 'redis://valkey:6379/0'")
-        if self.backend == "memory" and self.redis_url is not None:
-            raise ValueError("redis_url is set but backend is 'memory'; set backend: redis to use it")
+        check_backend_has_its_url(self.backend, self.redis_url)
         return self
 
 
@@ -236,16 +223,13 @@ class RateLimiter(Plugin):
         self._redis_clock = clock
         self._interval = max(1, round(config.window * _MICROS / config.limit))
         self._capacity = self._interval * config.limit
-        self._header = config.key.removeprefix("header:") if config.key.startswith("header:") else None
-        # The identity part of every bucket hash, JSON-encoded so it cannot run into the value.
-        identity = json.dumps([settings.chain, settings.id, config.key]).encode() + b"\n"
-        self._identity_hash = hashlib.sha256(identity)
+        self._header = key_header(config.key)
+        self._bucket_for = BucketNames(config.key_prefix, settings.chain, settings.id, config.key)
         self._global_bucket = self._bucket_for(None) if config.key == "global" else None
         self._reject_message = (
             f"rate limit exceeded: {config.limit} requests per {format_duration(config.window)}"
         )
-        self._last_warning_at = -math.inf
-        self._suppressed_warnings = 0
+        self._warnings = WarningSpacing(self._clock)
         self._memory: _MemoryBuckets | None = None
         self._redis: Redis | None = None
         if config.backend == "memory":
@@ -255,19 +239,7 @@ class RateLimiter(Plugin):
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
         else:
             assert config.redis_url is not None
-            # A bounded pool that makes a burst wait for a connection: redis-py's default pool
-            # refuses the connection past its maximum at once, and on_backend_error: allow would
-            # then admit the whole burst.
-            pool = BlockingConnectionPool.from_url(
-                config.redis_url,
-                max_connections=REDIS_MAX_CONNECTIONS,
-                timeout=config.redis_timeout,
-                socket_timeout=config.redis_timeout,
-                socket_connect_timeout=config.redis_timeout,
-                # One try: a retry would outlast redis_timeout, and on_backend_error covers failure.
-                retry=Retry(NoBackoff(), 0),
-            )
-            self._redis = Redis.from_pool(pool)
+            self._redis = redis_client(config.redis_url, config.redis_timeout)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
 
     def needs(self) -> Needs:
@@ -275,7 +247,7 @@ class RateLimiter(Plugin):
         return Needs(suspends=self.config.backend == "redis")
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
-        bucket = self._global_bucket or self._bucket_for(self._key_value(data))
+        bucket = self._global_bucket or self._bucket_for(key_value(data, self._header))
         if self._memory is not None:
             verdict: _Verdict | None = self._memory.decide(
                 bucket, self._interval, self._capacity, _micros(self._clock())
@@ -309,16 +281,6 @@ class RateLimiter(Plugin):
         if self._redis is not None:
             await self._redis.aclose()
 
-    def _key_value(self, data: PluginData) -> str | None:
-        if self._header is not None:
-            return data.headers.get(self._header)
-        return data.client_address
-
-    def _bucket_for(self, value: str | None) -> str:
-        digest = self._identity_hash.copy()
-        digest.update(json.dumps(value).encode())
-        return f"{self.config.key_prefix}:{digest.hexdigest()}"
-
     async def _decide_in_redis(self, ctx: PluginContext, bucket: str) -> _Verdict | None:
         """The verdict, or ``None`` when Redis failed and ``on_backend_error`` allows the request."""
         args = [self._interval, self._capacity]
@@ -343,12 +305,9 @@ class RateLimiter(Plugin):
             return None
 
     def _warn_backend_error(self, ctx: PluginContext, error: Exception, deny: bool) -> None:
-        now = self._clock()
-        if now - self._last_warning_at < _WARNING_INTERVAL:
-            self._suppressed_warnings += 1
+        suppressed = self._warnings.admit()
+        if suppressed is None:
             return
-        suppressed, self._suppressed_warnings = self._suppressed_warnings, 0
-        self._last_warning_at = now
         # The bucket and key value stay out of the line: they may be an API key.
         ctx.logger.warning(
             "rate limiter backend failed (%s: %s); %s the request per on_backend_error%s",

@@ -1,0 +1,125 @@
+"""What the limiters (``rate_limiter``, ``token_limiter``) share: the ``key`` forms and the bucket
+names hashed from them, the Redis connection pool, and the spacing of backend-error warnings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from pluginchain._api.plugin import PluginData
+
+REDIS_MAX_CONNECTIONS = 32
+"""Connections one ``redis`` limiter opens at most; decisions beyond that many at once queue for
+a connection (within ``redis_timeout``). A decision is one short script call, so a few
+connections carry thousands of decisions per second."""
+
+WARNING_INTERVAL = 10.0
+"""Seconds between two backend-error warnings of one instance, so an outage is not a log flood."""
+
+KEY_FORMS = "'global', 'client_address' or 'header:<name>' (e.g. 'header:x-api-key')"
+_HEADER_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def parse_key(value: str, what: str) -> str:
+    """``value`` as a ``key`` form, header names lower-cased; raise ValueError naming the forms.
+    ``what`` names the setting in the message (``"rate limit"``: "not a rate limit key")."""
+    if value in ("global", "client_address"):
+        return value
+    kind, _, header = value.partition(":")
+    header = header.strip().lower()
+    if kind == "header" and header and set(header) <= _HEADER_TOKEN:
+        return f"header:{header}"
+    raise ValueError(f"not a {what} key: {value!r}; expected {KEY_FORMS}")
+
+
+def key_header(key: str) -> str | None:
+    """The header a parsed ``header:<name>`` key reads; None for the other forms."""
+    return key.removeprefix("header:") if key.startswith("header:") else None
+
+
+def key_value(data: PluginData, header: str | None) -> str | None:
+    """What the request is keyed by: the header's value with a header key, else the client
+    address (ignored by ``global`` keys, whose bucket is fixed)."""
+    if header is not None:
+        return data.headers.get(header)
+    return data.client_address
+
+
+class BucketNames:
+    """Names ``<prefix>:<sha256>`` of the buckets of one identity (chain, plugin id, key form...):
+    the SHA-256 of the identity and the key value, so that API keys and addresses never reach
+    Redis or memory dumps in the clear."""
+
+    __slots__ = ("_prefix", "_identity_hash")
+
+    def __init__(self, prefix: str, *identity: object):
+        self._prefix = prefix
+        # JSON-encoded, then a newline, so the identity cannot run into the value.
+        self._identity_hash = hashlib.sha256(json.dumps(list(identity)).encode() + b"\n")
+
+    def __call__(self, value: str | None) -> str:
+        digest = self._identity_hash.copy()
+        digest.update(json.dumps(value).encode())
+        return f"{self._prefix}:{digest.hexdigest()}"
+
+
+def check_redis_url(value: str | None) -> str | None:
+    """A ``redis_url`` validator: ``value`` unless it is not a Redis URL."""
+    if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"not a Redis URL: {value!r}; expected redis://, rediss:// or unix://")
+    return value
+
+
+def check_backend_has_its_url(backend: str, redis_url: str | None) -> None:
+    """``backend: redis`` needs ``redis_url``; the memory backend refuses one (a URL with it would
+    silently give each replica its own limit)."""
+    if backend == "redis" and redis_url is None:
+        raise ValueError("backend 'redis' needs redis_url, e.g. 'redis://valkey:6379/0'")
+    if backend == "memory" and redis_url is not None:
+        raise ValueError("redis_url is set but backend is 'memory'; set backend: redis to use it")
+
+
+def redis_client(url: str, timeout: float) -> Redis:
+    """A client on a bounded pool of :data:`REDIS_MAX_CONNECTIONS` that makes a burst wait (up to
+    ``timeout``) for a connection: redis-py's default pool refuses the connection past its
+    maximum at once, and ``on_backend_error: allow`` would then admit the whole burst. Every
+    socket operation is bounded by ``timeout`` too, and nothing is retried: a retry would outlast
+    it, and ``on_backend_error`` covers failure."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis.from_pool(pool)
+
+
+class WarningSpacing:
+    """Lets one warning through per :data:`WARNING_INTERVAL` seconds of ``clock`` and counts the
+    ones it holds back, for the next to say how many there were."""
+
+    __slots__ = ("_clock", "_last_at", "_suppressed")
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._last_at = -math.inf
+        self._suppressed = 0
+
+    def admit(self) -> int | None:
+        """None: stay silent (counted). Otherwise log now; the number of warnings held back since
+        the last one is returned (0 for none)."""
+        now = self._clock()
+        if now - self._last_at < WARNING_INTERVAL:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._last_at = now
+        return suppressed
