@@ -29,7 +29,7 @@ from pluginchain._config.defaults import DEFAULTS
 from pluginchain._config.models import DEFAULT_CHAIN
 from pluginchain._engine.plan import CompiledChain, Group, Plan
 from pluginchain._engine.streaming import ResponseStream
-from pluginchain._engine.usage import ask_for_stream_usage, usage_of_body
+from pluginchain._engine.usage import ask_for_stream_usage, usage_of, usage_of_body
 from pluginchain._metrics import REQUESTS, TIME_TO_FIRST_TOKEN, TOKENS, UPSTREAM_LATENCY
 from pluginchain._sidecar.plans import PlanHolder
 from pluginchain.plugins._content_coding import UnreadableBody, inflate, readable_accept_encoding
@@ -325,7 +325,7 @@ class _Stream:
 
     async def _post_request(self) -> Reject | None:
         assert self.chain is not None and self.exchange.response is not None
-        if self.chain.needs_usage:
+        if self.exchange.response.body:
             self.exchange.usage = _usage_of_response(self.exchange.response)
         status = self.exchange.response.headers.get(":status", "")
         if status.startswith("5"):
@@ -379,15 +379,18 @@ def _model_label(model: str | None) -> str:
 
 
 def _usage_of_response(response: HttpMessage) -> Usage | None:
-    """The usage a buffered response body reports, read through its content coding."""
-    body = response.body
+    """The usage a buffered response body reports, read through its content coding (the JSON is
+    parsed once, for this and the plugins alike)."""
     coding = response.headers.get("content-encoding", "").strip().lower()
-    if body and coding not in ("", "identity"):
+    if coding in ("", "identity"):
         try:
-            body = inflate(body, coding)
-        except UnreadableBody:
+            return usage_of(response.json())
+        except BodyNotJSON:
             return None
-    return usage_of_body(body)
+    try:
+        return usage_of_body(inflate(response.body or b"", coding))
+    except UnreadableBody:
+        return None
 
 
 def _is_readable_event_stream(headers: dict[str, str]) -> bool:
