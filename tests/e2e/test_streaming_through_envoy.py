@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.harness import Gateway, start_upstream
+from tests.support.harness import Gateway, running_gateway
 
 # A US social security number, with dashes or spaces: the demo upstream streams one word per
 # event, so "123 45 6789" reaches the gateway in three events. Its longest match is 11
@@ -44,18 +43,8 @@ ROUTES = (("/plain/", "plain"), ("/rejecting/", "rejecting"))
 def shared(tmp_path_factory) -> Iterator[Gateway]:
     """One gateway for the tests that need no Envoy settings of their own: the redacting chain
     by default, ``/plain/`` without a post_request plugin, ``/rejecting/`` rejecting."""
-    log_dir = tmp_path_factory.mktemp("streaming")
-    upstream = start_upstream(log_dir)
-    chain_file = log_dir / "chain.yaml"
-    chain_file.write_text(textwrap.dedent(CHAINS))
-    gw = Gateway(log_dir, chain_file, upstream, routes=ROUTES)
-    try:
-        gw.start_sidecar()
-        gw.start_envoy()
+    with running_gateway(tmp_path_factory.mktemp("streaming"), CHAINS, ROUTES) as gw:
         yield gw
-    finally:
-        gw.stop()
-        upstream.process.stop()
 
 
 @contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.harness import Gateway, start_upstream, wait_until
+from tests.support.harness import Gateway, running_gateway, wait_until
 
 LIMIT = 1000
 MODELS_LIMIT, DEMO_MODEL_LIMIT = 30, 10
@@ -67,18 +66,8 @@ RESET_FORMAT = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Iterator[Gateway]:
     """One gateway for every test: the ``default`` chain on ``/``, the others on their prefixes."""
-    log_dir = tmp_path_factory.mktemp("tokens")
-    upstream = start_upstream(log_dir)
-    chain_file = log_dir / "chain.yaml"
-    chain_file.write_text(textwrap.dedent(CHAINS))
-    gw = Gateway(log_dir, chain_file, upstream, routes=ROUTES)
-    try:
-        gw.start_sidecar()
-        gw.start_envoy()
+    with running_gateway(tmp_path_factory.mktemp("tokens"), CHAINS, ROUTES) as gw:
         yield gw
-    finally:
-        gw.stop()
-        upstream.process.stop()
 
 
 @pytest.fixture

@@ -3,12 +3,15 @@ Envoy, each on free ports, each stopped by the fixture that started it, also on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +191,19 @@ class Gateway:
     def chat(self, content: str, *, path: str = "/v1/chat/completions", headers: dict | None = None, **extra) -> httpx.Response:
         body = {"model": "demo-model", "messages": [{"role": "user", "content": content}], **extra}
         return httpx.post(self.url + path, json=body, headers=headers or {}, timeout=30)
+
+
+@contextlib.contextmanager
+def running_gateway(log_dir: Path, chains_yaml: str, routes: tuple[tuple[str, str], ...] = ()) -> Iterator[Gateway]:
+    """The demo upstream, a sidecar serving ``chains_yaml`` and Envoy, stopped on the way out."""
+    upstream = start_upstream(log_dir)
+    chain_file = log_dir / "chain.yaml"
+    chain_file.write_text(textwrap.dedent(chains_yaml))
+    gw = Gateway(log_dir, chain_file, upstream, routes=routes)
+    try:
+        gw.start_sidecar()
+        gw.start_envoy()
+        yield gw
+    finally:
+        gw.stop()
+        upstream.process.stop()
