@@ -39,6 +39,8 @@ def make_exchange(
     response_body: bytes | None = None,
     client_address: str | None = "127.0.0.1",
     request_id: str = "test-request",
+    consumer: str | None = None,
+    session: str | None = None,
 ) -> Exchange:
     response = None
     if response_headers is not None or response_body is not None:
@@ -48,6 +50,8 @@ def make_exchange(
         response=response,
         client_address=client_address,
         request_id=request_id,
+        consumer=consumer,
+        session=session,
     )
 
 
@@ -55,7 +59,7 @@ async def run_plugin(plugin: Plugin, exchange: Exchange, error: Failure | None =
     """Execute ``plugin`` once on ``exchange`` and apply its changes; :class:`Reject` propagates."""
     data = PluginData(plugin.stage, exchange, error)
     deadline = asyncio.get_running_loop().time() + plugin.settings.timeout
-    ctx = PluginContext(plugin.settings.chain, exchange.request_id, plugin.id, deadline)
+    ctx = PluginContext(plugin.settings.chain, exchange.request_id, plugin.id, deadline, exchange.consumer, exchange.session)
     await plugin.execute(ctx, data)
     data.apply()
     return data

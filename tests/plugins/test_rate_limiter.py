@@ -219,6 +219,17 @@ async def test_each_api_key_has_its_own_bucket_and_keyless_requests_share_one(ba
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key", ["consumer", "session"])
+async def test_each_consumer_or_session_has_its_own_bucket_whatever_header_it_came_with(backend, build, key):
+    limiter = build(backend, limit=2, window="1m", key=key)
+
+    assert await count_admitted([limiter], 3, **{key: "team-a"}, headers={"x-api-key": "one"}) == 2
+    assert await count_admitted([limiter], 3, **{key: "team-a"}, headers={"x-api-key": "two"}) == 0
+    assert await count_admitted([limiter], 3, **{key: "team-b"}) == 2
+    assert await count_admitted([limiter], 3) == 2  # without one established: one shared bucket
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_each_client_address_has_its_own_bucket(backend, build):
     limiter = build(backend, limit=1, window="1m", key="client_address")
 

@@ -582,7 +582,7 @@ def test_defaults():
         ({"limit": True}, "must be a positive integer, got True"),
         ({"window": "soon"}, "not a duration: 'soon'"),
         ({"count": "both"}, "'total', 'input' or 'output'"),
-        ({"key": "cookie:session"}, "not a token limit key: 'cookie:session'; expected 'global', 'client_address' or 'header:<name>'"),
+        ({"key": "cookie:session"}, "not a token limit key: 'cookie:session'; expected 'global', 'client_address', 'consumer', 'session' or 'header:<name>'"),
         ({"key": "header:"}, "not a token limit key"),
         ({"models": {"gpt-4o": 0}}, "models.gpt-4o\n  Input should be greater than 0"),
         ({"models": {"gpt-4o": True}}, "models.gpt-4o\n  Value error, must be a positive integer"),

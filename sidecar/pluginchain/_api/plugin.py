@@ -290,6 +290,11 @@ class Exchange:
     usage: Usage | None = None
     """The response's token usage, once it reported it: for every later plugin and stage, and
     for ``finish``. None until then (or when it never did)."""
+    consumer: str | None = None
+    """Who is calling, as an authentication plugin established it (``set_consumer``); None
+    before, or without one."""
+    session: str | None = None
+    """The conversation the request belongs to, as a session plugin established it."""
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers pre_request plugins set for the client's response (``set_response_header``)."""
 
@@ -301,16 +306,23 @@ class PluginContext:
     at its next ``await``.
     """
 
-    __slots__ = ("chain", "request_id", "plugin_id", "deadline", "_logger")
+    __slots__ = ("chain", "request_id", "plugin_id", "deadline", "consumer", "session", "_logger")
 
     _base_logger: ClassVar[logging.Logger] = logging.getLogger("pluginchain.plugin")
 
-    def __init__(self, chain: str, request_id: str, plugin_id: str, deadline: float):
+    def __init__(
+        self, chain: str, request_id: str, plugin_id: str, deadline: float,
+        consumer: str | None = None, session: str | None = None,
+    ):
         self.chain = chain
         self.request_id = request_id
         self.plugin_id = plugin_id
         self.deadline = deadline
         """``loop.time()`` by which the plugin is cancelled."""
+        self.consumer = consumer
+        """The caller an earlier plugin authenticated (``Exchange.consumer``), or None."""
+        self.session = session
+        """The conversation an earlier plugin established (``Exchange.session``), or None."""
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
@@ -333,7 +345,7 @@ class PluginData:
 
     __slots__ = (
         "stage", "exchange", "metadata", "error", "_target",
-        "_set_headers", "_removed_headers", "_body", "_json", "_texts", "_holds", "_event_data", "_response_headers",
+        "_set_headers", "_removed_headers", "_body", "_json", "_texts", "_holds", "_event_data", "_response_headers", "_identity",
     )
 
     def __init__(self, stage: Stage, exchange: Exchange, error: Failure | None = None):
@@ -353,6 +365,7 @@ class PluginData:
         self._holds: dict[TextChannel, int] = {}
         self._event_data: str | None = None
         self._response_headers: dict[str, str] = {}
+        self._identity: dict[str, str] = {}
 
     @property
     def request(self) -> HttpMessage:
@@ -432,6 +445,24 @@ class PluginData:
             raise ValueError(f"no text pending on {channel} at this point of the stream")
         self._texts[channel] = text
 
+    @property
+    def consumer(self) -> str | None:
+        """Who is calling (``Exchange.consumer``), this plugin's own ``set_consumer`` included."""
+        return self._identity.get("consumer", self.exchange.consumer)
+
+    @property
+    def session(self) -> str | None:
+        """The conversation (``Exchange.session``), this plugin's own ``set_session`` included."""
+        return self._identity.get("session", self.exchange.session)
+
+    def set_consumer(self, consumer: str) -> None:
+        """Establish who is calling, for every later plugin and stage (an authentication plugin)."""
+        self._identity["consumer"] = consumer
+
+    def set_session(self, session: str) -> None:
+        """Establish the conversation the request belongs to, for every later plugin and stage."""
+        self._identity["session"] = session
+
     def set_response_header(self, name: str, value: str) -> None:
         """From ``pre_request`` (with ``Needs(response_headers=True)``): a header for the client's
         response, whatever the upstream answers. Applied with the plugin's other changes."""
@@ -461,6 +492,9 @@ class PluginData:
             target.replace_body(self._body, self._json)
         if self._response_headers:
             self.exchange.response_headers.update(self._response_headers)
+        if self._identity:
+            self.exchange.consumer = self._identity.get("consumer", self.exchange.consumer)
+            self.exchange.session = self._identity.get("session", self.exchange.session)
         own_metadata = self.metadata.maps[0]  # type: ignore[attr-defined]
         if own_metadata:
             self.exchange.metadata.update(own_metadata)

@@ -221,7 +221,7 @@ class CompiledChain:
         Failures are logged and counted; the client has its answer already."""
         for plugin in self.finishers:
             member = self._members[plugin.id]
-            ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + plugin.settings.timeout)
+            ctx = _context(self.name, exchange, plugin)
             try:
                 async with asyncio.timeout(plugin.settings.timeout):
                     await plugin.finish(ctx, PluginData(plugin.stage, exchange))
@@ -328,7 +328,7 @@ class CompiledChain:
         if not member.suspends:
             return self._execute_inline(member, data, exchange)
         settings = plugin.settings
-        ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + settings.timeout)
+        ctx = _context(self.name, exchange, plugin)
         started = time.perf_counter()
         timeout = asyncio.timeout(settings.timeout)
         try:
@@ -347,7 +347,7 @@ class CompiledChain:
         """:meth:`_execute` for a plugin that never suspends: driven to completion at once, with no
         timer (nothing could interrupt it anyway), task or event-loop turn."""
         plugin = member.plugin
-        ctx = PluginContext(self.name, exchange.request_id, plugin.id, asyncio.get_running_loop().time() + plugin.settings.timeout)
+        ctx = _context(self.name, exchange, plugin)
         started = time.perf_counter()
         try:
             _run_to_completion(plugin.execute(ctx, data))
@@ -382,6 +382,11 @@ class CompiledChain:
             exc_info=failure.kind == "exception",
         )
         return failure
+
+
+def _context(chain: str, exchange: Exchange, plugin: Plugin) -> PluginContext:
+    deadline = asyncio.get_running_loop().time() + plugin.settings.timeout
+    return PluginContext(chain, exchange.request_id, plugin.id, deadline, exchange.consumer, exchange.session)
 
 
 def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:

@@ -22,14 +22,14 @@ connections carry thousands of decisions per second."""
 WARNING_INTERVAL = 10.0
 """Seconds between two backend-error warnings of one instance, so an outage is not a log flood."""
 
-KEY_FORMS = "'global', 'client_address' or 'header:<name>' (e.g. 'header:x-api-key')"
+KEY_FORMS = "'global', 'client_address', 'consumer', 'session' or 'header:<name>' (e.g. 'header:x-api-key')"
 _HEADER_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 
 
 def parse_key(value: str, what: str) -> str:
     """``value`` as a ``key`` form, header names lower-cased; raise ValueError naming the forms.
     ``what`` names the setting in the message (``"rate limit"``: "not a rate limit key")."""
-    if value in ("global", "client_address"):
+    if value in ("global", "client_address", "consumer", "session"):
         return value
     kind, _, header = value.partition(":")
     header = header.strip().lower()
@@ -43,9 +43,14 @@ def key_header(key: str) -> str | None:
     return key.removeprefix("header:") if key.startswith("header:") else None
 
 
-def key_value(data: PluginData, header: str | None) -> str | None:
-    """What the request is keyed by: the header's value with a header key, else the client
-    address (ignored by ``global`` keys, whose bucket is fixed)."""
+def key_value(data: PluginData, key: str, header: str | None) -> str | None:
+    """What the request is keyed by, for a parsed ``key`` (``header``: its ``key_header``): the
+    consumer or session an earlier plugin established (None, one shared bucket, without one),
+    the header's value, else the client address (``global`` keys have a fixed bucket)."""
+    if key == "consumer":
+        return data.consumer
+    if key == "session":
+        return data.session
     if header is not None:
         return data.headers.get(header)
     return data.client_address

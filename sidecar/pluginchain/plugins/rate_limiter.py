@@ -247,7 +247,7 @@ class RateLimiter(Plugin):
         return Needs(suspends=self.config.backend == "redis")
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
-        bucket = self._global_bucket or self._bucket_for(key_value(data, self._header))
+        bucket = self._global_bucket or self._bucket_for(key_value(data, self.config.key, self._header))
         if self._memory is not None:
             verdict: _Verdict | None = self._memory.decide(
                 bucket, self._interval, self._capacity, _micros(self._clock())

@@ -383,7 +383,7 @@ class TokenLimiter(Plugin):
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         document = _request_json(data) if self._reads_body else None
         budget = self._budget_for(document)
-        bucket = budget.global_bucket or budget.names(key_value(data, self._header))
+        bucket = budget.global_bucket or budget.names(key_value(data, self.config.key, self._header))
         reservation = self._reservation(document)
         if reservation > budget.limit:
             raise Reject(
