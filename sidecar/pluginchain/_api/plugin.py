@@ -295,6 +295,11 @@ class Exchange:
     before, or without one."""
     session: str | None = None
     """The conversation the request belongs to, as a session plugin established it."""
+    started_at: float = 0.0
+    """``time.monotonic()`` when the request reached the sidecar."""
+    rejection: Reject | None = None
+    """What the client got instead of the upstream's answer (a plugin's reject, with its
+    ``plugin_id``; or a failure's error response, without one), once it got it; None otherwise."""
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers pre_request plugins set for the client's response (``set_response_header``)."""
 

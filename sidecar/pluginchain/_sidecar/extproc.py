@@ -202,6 +202,7 @@ class _Stream:
         headers = request.request_headers
         exchange = self.exchange
         self.started = time.perf_counter()
+        exchange.started_at = time.monotonic()
         exchange.request = HttpMessage(_header_dict(headers.headers))
         exchange.request_id = exchange.request.headers.get("x-request-id", "")
         exchange.client_address = _client_address(request)
@@ -304,6 +305,7 @@ class _Stream:
             TIME_TO_FIRST_TOKEN.labels(self.chain_name).observe(time.perf_counter() - self.started)
         if stream.ended:
             self.decided = True
+            self.exchange.rejection = stream.rejection
             if stream.rejection is not None and self.outcome == "allow":
                 self.outcome = "error" if stream.rejection.plugin_id is None else "reject"
         if output == chunk:
@@ -350,6 +352,7 @@ class _Stream:
 
     def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
         self.decided = True
+        self.exchange.rejection = rejection
         self.status_class = f"{rejection.status // 100}xx"
         headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
         immediate = pb.ImmediateResponse(
