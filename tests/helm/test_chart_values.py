@@ -9,7 +9,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, REALISTIC, SIDECAR_ONLY, render
+from tests.helm.chart import CHART, REALISTIC, SIDECAR_ONLY, container, render
 
 
 def _findings(report: dict) -> list[dict]:
@@ -51,6 +51,8 @@ def test_lint_reports_bad_values():
         ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
         ({"operator": {"logLevel": "verbose"}}, "/operator/logLevel"),
         ({"plugins": ["./my_plugins.py"]}, "/plugins/0"),
+        ({"gateway": {"sidecar": {"secretMounts": [{"name": "keys", "secretName": "k", "mountPath": "keys"}]}}},
+         "/gateway/sidecar/secretMounts/0/mountPath"),
     ],
 )
 def test_bad_values_fail_at_install_naming_the_key(values, where):
@@ -133,3 +135,13 @@ def test_every_default_is_in_the_schema():
                 forbids_unknown(child, f"{where}.{name}")
 
     forbids_unknown(schema, "values")
+
+
+def test_secret_mounts_reach_the_sidecar_read_only_and_nothing_else():
+    mounts = [{"name": "llm-keys", "secretName": "llm-gateway-keys", "mountPath": "/etc/pluginchain/keys"}]
+    pod = render({"gateway": {"sidecar": {"secretMounts": mounts}}}).deployment("gateway")["spec"]["template"]["spec"]
+    sidecar = container({"spec": {"template": {"spec": pod}}}, "sidecar")
+    assert {"name": "llm-keys", "mountPath": "/etc/pluginchain/keys", "readOnly": True} in sidecar["volumeMounts"]
+    assert {"name": "llm-keys", "secret": {"secretName": "llm-gateway-keys", "defaultMode": 0o440}} in pod["volumes"]
+    envoy = container({"spec": {"template": {"spec": pod}}}, "envoy")
+    assert all(mount["name"] != "llm-keys" for mount in envoy["volumeMounts"])
