@@ -90,3 +90,14 @@ class EngineMetrics:
 
     def stage_latency(self, chain: str) -> Histogram:
         return CHAIN_LATENCY.labels(chain)
+
+
+# --- The audit log ------------------------------------------------------------------------------
+
+AUDIT_RECORDS = Counter(
+    "pluginchain_audit_records",
+    "audit_log records by sink (stdout, file, http) and result: written, dropped (the sink's queue was "
+    "full, or still held records when the plan closed) or failed (a write error, or a batch the HTTP "
+    "endpoint did not take).",
+    ["chain", "plugin", "sink", "result"],
+)
