@@ -54,6 +54,8 @@ def test_plan_prints_each_stage_s_groups_in_order_with_their_members_and_the_pha
 chain default
   phases: request_headers, request_body, response_headers, response_body
   pre_request:
+    priority 0:
+      auth  sequential  timeout=5s  on_error=fail_closed
     priority 1:
       rate_limiter  sequential  timeout=5s  on_error=fail_closed
     priority 2:

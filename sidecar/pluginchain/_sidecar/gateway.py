@@ -111,7 +111,7 @@ def _how_to_call(envoy: EnvoySettings, sidecar: Sidecar) -> str:
     url = f"http://127.0.0.1:{envoy.listen_port}/v1/chat/completions"
     chat = "'{\"model\": \"demo-model\", \"messages\": [{\"role\": \"user\", \"content\": \"%s\"}]}'"
     stream = chat.replace('{\"model', '{\"stream\": true, \"model')
-    curl = f"curl -s {url} -H 'content-type: application/json' -H 'x-api-key: demo-key' -d "
+    curl = f"curl -s {url} -H 'content-type: application/json' -H 'authorization: Bearer sk-demo-team-a' -d "
     return "\n".join([
         "",
         f"pluginchain gateway is up: Envoy on :{envoy.listen_port} -> sidecar on :{sidecar.port} -> {envoy.upstream}",
@@ -125,9 +125,13 @@ def _how_to_call(envoy: EnvoySettings, sidecar: Sidecar) -> str:
         "A redacted answer (the completion's social security number is masked):",
         "  " + curl + chat % "My SSN is 123-45-6789",
         "The same, streamed word by word (-N: as the events come; the number is masked as it passes):",
-        "  " + curl.replace("curl -s", "curl -sN").replace("-H 'x-api-key", "-H 'x-demo-delay: 0.3' -H 'x-api-key")
+        "  " + curl.replace("curl -s", "curl -sN").replace("-H 'authorization", "-H 'x-demo-delay: 0.3' -H 'authorization")
         + stream % "My SSN is 123-45-6789",
-        "Rate limiting (5 calls a minute per x-api-key; the calls past that get 429 with Retry-After):",
+        "Without a key (401), and with the second demo consumer's (its own rate limit):",
+        "  " + curl.replace(" -H 'authorization: Bearer sk-demo-team-a'", "") + chat % "hi",
+        "  " + curl.replace("sk-demo-team-a", "sk-demo-team-b") + chat % "hi",
+        "The OpenAI SDK: OpenAI(base_url='" + url.removesuffix("/chat/completions") + "', api_key='sk-demo-team-a')",
+        "Rate limiting (5 calls a minute per consumer; the calls past that get 429 with Retry-After):",
         f"  for i in 1 2 3 4 5 6; do {curl}{chat % 'hi'} -o /dev/null -w '%{{http_code}}\\n'; done",
         "",
         "Press Ctrl-C to stop.",
