@@ -23,7 +23,9 @@ CLI = str(Path(sys.executable).parent / "pluginchain")
 
 
 def test_the_built_ins_come_from_the_entry_point_group():
-    assert default_registry().names() == ["audit_log", "auth", "content_filter", "content_validator", "external_validator", "rate_limiter", "session", "token_limiter"]
+    assert default_registry().names() == [
+        "audit_log", "auth", "content_filter", "content_validator", "external_validator", "rate_limiter", "session", "token_limiter",
+    ]
 
 
 class Good(Plugin):
