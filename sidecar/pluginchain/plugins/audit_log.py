@@ -83,6 +83,7 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._metrics import AUDIT_RECORDS
+from pluginchain.plugins._http import check_http_url
 from pluginchain.plugins._limits import WarningSpacing
 from pluginchain.plugins.external_validator import SECRET_HEADERS
 
@@ -183,15 +184,7 @@ class AuditLogConfig(PluginConfig):
     def _http_url_is_an_endpoint(cls, url: str | None) -> str | None:
         if url is None:
             return None
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 -- raises on a malformed port
-        except ValueError as error:
-            raise ValueError(f"not a valid URL: {url!r} ({error})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"http_url must start with http:// or https://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"http_url has no host: {url!r}")
+        parts = urlsplit(check_http_url(url, "http_url"))
         if parts.username is not None or parts.password is not None:
             # Not echoed: the user info is a credential.
             raise ValueError("http_url carries credentials; put them in http_headers (e.g. authorization)")

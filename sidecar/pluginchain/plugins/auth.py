@@ -79,6 +79,7 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
+from pluginchain.plugins._http import check_http_url
 from pluginchain.plugins._secrets import SecretFile, SecretFileProblem
 
 logger = logging.getLogger("pluginchain.plugins.auth")
@@ -244,16 +245,7 @@ class JwtConfig(PluginConfig):
     @field_validator("jwks_url")
     @classmethod
     def _jwks_url_is_http(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 -- raises on a malformed port
-        except ValueError as error:
-            raise ValueError(f"jwks_url is not a valid URL ({error})") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("jwks_url must be an http:// or https:// URL with a host")
-        return url
+        return None if url is None else check_http_url(url, "jwks_url")
 
     @field_validator("jwks_file", "secret_file")
     @classmethod

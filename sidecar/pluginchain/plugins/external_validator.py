@@ -65,6 +65,7 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._api.stream import StreamMode
+from pluginchain.plugins._http import check_http_url
 
 DEFAULT_URL = "http://127.0.0.1:8090/validate"
 
@@ -141,16 +142,7 @@ class ExternalValidatorConfig(PluginConfig):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 -- raises on a malformed port
-        except ValueError as error:
-            raise ValueError(f"not a valid URL: {url!r} ({error})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"url has no host: {url!r}")
-        return url
+        return check_http_url(url, "url")
 
     @field_validator("retries")
     @classmethod
