@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,34 +30,11 @@ from pluginchain._config.validation import validate_document
 from pluginchain._engine.plan import compile_plan
 from pluginchain.plugins.token_limiter import TokenLimiter, openai_duration
 from pluginchain.testing import make_exchange, run_plugin
+from tests.support.clock import FakeClock
 from tests.support.harness import free_port
 
 BACKENDS = ["memory", "redis"]
 LIMIT, REMAINING, RESET = "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test calls :meth:`advance`."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def chain() -> str:
-    """A chain name of this test alone, so buckets and counters never leak between tests."""
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
