@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -32,6 +30,7 @@ from pluginchain.plugins.token_limiter import TokenLimiter, openai_duration
 from pluginchain.testing import make_exchange, run_plugin
 from tests.support.clock import FakeClock
 from tests.support.harness import free_port
+from tests.support.valkey import limiter_backend_errors, silent_redis_url
 
 BACKENDS = ["memory", "redis"]
 LIMIT, REMAINING, RESET = "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"
@@ -120,8 +119,7 @@ async def remaining(plugin: TokenLimiter, body: dict[str, Any] | None = None, **
 
 
 def backend_errors(chain: str, decision: str, plugin: str = "token_limiter") -> float:
-    labels = {"chain": chain, "plugin": plugin, "decision": decision}
-    return REGISTRY.get_sample_value("pluginchain_rate_limiter_backend_errors_total", labels) or 0.0
+    return limiter_backend_errors(chain, plugin, decision)
 
 
 # -- checking and charging ----------------------------------------------------------------------
@@ -478,12 +476,8 @@ async def test_backend_down_with_deny_answers_429_and_counts(build, chain):
 
 
 async def test_a_redis_that_never_answers_is_given_up_on_after_redis_timeout(build, chain):
-    # The kernel completes connections to a listening socket nobody accepts from, so the
-    # command is sent and no reply ever comes. The 100 ms are real: this is a network timeout.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    # The 100 ms are real: this is a network timeout.
+    with silent_redis_url() as url:
         limiter = build("redis", redis_url=url, redis_timeout="100ms")
         allowed, unsettled = backend_errors(chain, "allow"), backend_errors(chain, "unsettled")
 

