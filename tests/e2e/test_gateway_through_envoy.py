@@ -193,7 +193,7 @@ def test_a_hot_reload_while_requests_stream_fails_none(gateway):
     assert 'pluginchain_config_reloads_total{result="invalid"} 1.0' in metrics
 
 
-def test_sighup_reloads_at_once(gateway):
+def test_sighup_reloads_a_changed_file_once_it_has_settled(gateway):
     gw = gateway("plugins: [{name: stamp, config: {value: before}}]", plugin_modules=PLUGINS)
     gw.chain_file.write_text("plugins: [{name: stamp, config: {value: after}}]")
     gw.sidecar.signal(signal.SIGHUP)

@@ -11,6 +11,7 @@ production clock, the Redis server's.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from pluginchain import InstanceSettings, PluginData, Reject, Stage
-from pluginchain.plugins.rate_limiter import REDIS_MAX_CONNECTIONS, RateLimiter
+from pluginchain.plugins.rate_limiter import _MEMORY_STORES, REDIS_MAX_CONNECTIONS, RateLimiter
 from pluginchain.testing import make_exchange, run_plugin
 from tests.support.clock import FakeClock
 from tests.support.harness import free_port
@@ -37,7 +38,9 @@ async def build(
     valkey, and ``server_clock=True`` leaves them on the production clock (Redis server time)."""
     built: list[RateLimiter] = []
 
-    def build_limiter(backend: str = "memory", *, server_clock: bool = False, **config: Any) -> RateLimiter:
+    def build_limiter(
+        backend: str = "memory", *, server_clock: bool = False, id: str = "rate_limiter", chain: str = chain, **config: Any
+    ) -> RateLimiter:
         config["backend"] = backend
         if backend == "redis":
             config.setdefault("redis_url", request.getfixturevalue("valkey_url"))
@@ -46,7 +49,7 @@ async def build(
             config.setdefault("redis_timeout", "5s")
         plugin = RateLimiter(
             RateLimiter.Config.model_validate(config),
-            InstanceSettings(id="rate_limiter", stage=Stage.PRE_REQUEST, chain=chain),
+            InstanceSettings(id=id, stage=Stage.PRE_REQUEST, chain=chain),
             clock=None if server_clock else clock,
         )
         built.append(plugin)
@@ -168,14 +171,78 @@ async def test_two_replicas_on_one_redis_share_one_limit(build, clock):
     assert await count_admitted(replicas, 30) == 1
 
 
-async def test_memory_buckets_survive_a_reload_that_keeps_the_entry(build):
-    before_reload = build(limit=3, window="1m")
-    assert await count_admitted([before_reload], 3) == 3
+# -- across reloads and pushes (each build() is the entry as a new plan compiles it) -------------
 
-    same_entry = build(limit=3, window="1m")
-    assert isinstance(await attempt(same_entry), Reject)
-    new_rate = build(limit=4, window="1m")
-    assert await count_admitted([new_rate], 5) == 4
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_reload_that_keeps_the_entry_keeps_every_keys_state(backend, build):
+    before_reload = build(backend, limit=5, window="1h", key="header:x-api-key")
+    assert await count_admitted([before_reload], 7, headers={"x-api-key": "alice"}) == 5
+    assert await count_admitted([before_reload], 2, headers={"x-api-key": "bob"}) == 2
+
+    # Settings that are not the entry's identity or rate change nothing of what was used.
+    after_reload = build(backend, limit=5, window="60m", key="header:x-api-key", on_backend_error="deny")
+    assert await count_admitted([after_reload], 5, headers={"x-api-key": "alice"}) == 0
+    assert await count_admitted([after_reload], 5, headers={"x-api-key": "bob"}) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_changed_limit_or_window_carries_the_requests_used_over(backend, build, clock):
+    first = build(backend, limit=4, window="1m")  # T = 15 s
+    assert await count_admitted([first], 2) == 2
+
+    # 2 used of 4 per minute are 2 used of 8 per minute: 6 more now.
+    assert await count_admitted([build(backend, limit=8, window="1m")], 10) == 6
+    # 8 used stay used under a lowered limit of 2 per minute (T = 30 s): the key waits until it is
+    # back under the limit, 7 intervals, and lowering and raising the limit hands out nothing.
+    lowered = build(backend, limit=2, window="1m")
+    assert await count_admitted([lowered], 3) == 0
+    assert await count_admitted([build(backend, limit=8, window="1m")], 3) == 0
+    assert await count_admitted([lowered], 1) == 0  # the bucket refills at the rate that last counted it
+    clock.advance(7 * 30 - 1)
+    assert await count_admitted([lowered], 1) == 0
+    clock.advance(1)
+    assert await count_admitted([lowered], 3) == 1
+    # A longer window refills the same requests more slowly, from the first request after the
+    # change on: 2 of 2 per 2 minutes, one more after T = 60 s.
+    slower = build(backend, limit=2, window="2m")
+    assert await count_admitted([slower], 1) == 0
+    clock.advance(59)
+    assert await count_admitted([slower], 1) == 0
+    clock.advance(1)
+    assert await count_admitted([slower], 3) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_requests_on_the_old_plan_and_the_new_one_count_in_one_bucket(backend, build):
+    old_plan = build(backend, limit=10, window="1m")
+    new_plan = build(backend, limit=20, window="1m")
+    # Whichever plan admits a request, it is one request used: 10 used, alternating between them,
+    # are all of the old limit and half of the new one.
+    assert await count_admitted([old_plan, new_plan], 10) == 10
+    assert await count_admitted([old_plan], 10) == 0
+    assert await count_admitted([new_plan], 20) == 10
+
+
+@pytest.mark.parametrize("change", [{"key": "header:x-api-key"}, {"backend": "redis"}, {"id": "other"}, {"chain": "other"}])
+async def test_a_different_key_form_backend_id_or_chain_starts_with_a_full_bucket(change, build, chain):
+    assert await count_admitted([build(limit=3, window="1h")], 3) == 3
+    assert await count_admitted([build(limit=3, window="1h")], 1) == 0
+    if "chain" in change:
+        change = {"chain": f"{chain}-{change['chain']}"}
+    assert await count_admitted([build(**{"limit": 3, "window": "1h", **change})], 4) == 3
+
+
+def test_the_memory_of_removed_entries_is_freed(chain):
+    settings = [InstanceSettings(id=f"limiter-{n}", stage=Stage.PRE_REQUEST, chain=chain) for n in range(500)]
+    config = RateLimiter.Config.model_validate({"limit": 5, "window": "1h"})
+    gc.collect()
+    before = len(_MEMORY_STORES)
+    limiters = [RateLimiter(config, one) for one in settings]
+    assert len(_MEMORY_STORES) == before + 500
+    del limiters
+    gc.collect()
+    assert len(_MEMORY_STORES) == before
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -228,8 +295,9 @@ async def test_raw_key_values_never_reach_redis(build, chain, valkey_url):
     for key in keys:
         digest = key.removeprefix(f"test:{chain}:")
         assert len(digest) == 64 and set(digest) <= set("0123456789abcdef"), key
-    # The value is the bucket's TAT in microseconds of the limiter's clock: now + T.
-    assert values == [b"1012000000"] * 3
+    # The value is the bucket's TAT in microseconds of the limiter's clock, now + T, and the
+    # interval T it was counted at (as T / 1), so a changed limit or window can carry it over.
+    assert values == [b"1012000000:12000000:1"] * 3
     # Redis expires the key in real time once the bucket is full again, T after one request.
     assert all(0 < ttl <= 12_000 for ttl in ttls), ttls
 

@@ -45,7 +45,7 @@ async def build(
     built: list[TokenLimiter] = []
 
     def build_limiter(
-        backend: str = "memory", *, server_clock: bool = False, id: str = "token_limiter", **config: Any
+        backend: str = "memory", *, server_clock: bool = False, id: str = "token_limiter", chain: str = chain, **config: Any
     ) -> TokenLimiter:
         config["backend"] = backend
         config.setdefault("limit", 1000)
@@ -299,12 +299,66 @@ async def test_with_several_token_limiters_the_client_sees_the_one_closest_to_re
         assert exchange.response_headers == {LIMIT: "100", REMAINING: "100"}
 
 
-async def test_memory_buckets_survive_a_reload_that_keeps_the_entry(build):
-    before_reload = build(limit=1000)
-    await finish(before_reload, await call(before_reload), tokens(output=300))
+# -- across reloads and pushes (each build() is the entry as a new plan compiles it) -------------
 
-    assert await remaining(build(limit=1000)) == 700
-    assert await remaining(build(limit=2000)) == 2000  # a new rate starts afresh
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_reload_that_keeps_the_entry_keeps_every_budget(backend, build):
+    before_reload = build(backend, limit=1000, key="header:x-api-key", models={"gpt-4o": 100})
+    for key, model, used in (("alice", "other", 300), ("alice", "gpt-4o", 40), ("bob", "other", 1200)):
+        done = await call(before_reload, {"model": model}, headers={"x-api-key": key})
+        await finish(before_reload, done, tokens(output=used))
+
+    # Settings that are not the entry's identity or rates change nothing of what was used.
+    after_reload = build(backend, limit=1000, key="header:x-api-key", models={"gpt-4o": 100}, on_backend_error="deny")
+    assert await remaining(after_reload, {"model": "other"}, headers={"x-api-key": "alice"}) == 700
+    assert await remaining(after_reload, {"model": "gpt-4o"}, headers={"x-api-key": "alice"}) == 60
+    assert not (await call(after_reload, {"model": "other"}, headers={"x-api-key": "bob"})).admitted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_changed_limit_or_window_carries_the_tokens_used_over(backend, build, clock):
+    first = build(backend, limit=1000, window="1m", models={"gpt-4o": 100})
+    await finish(first, await call(first), tokens(output=300))
+    await finish(first, await call(first, {"model": "gpt-4o"}), tokens(output=40))
+
+    # 300 of 1000 used is 300 of 2000: 1700 left. gpt-4o's 40 used are 40 of its new 50.
+    raised = build(backend, limit=2000, window="1m", models={"gpt-4o": 50})
+    assert await remaining(raised) == 1700
+    assert await remaining(raised, {"model": "gpt-4o"}) == 10
+    # A debt stays a debt: 1200 used of a budget cut to 1000 refuse requests until 200 refilled.
+    await finish(raised, await call(raised), tokens(output=900))
+    cut = build(backend, limit=1000, window="1m")
+    assert not (await call(cut)).admitted
+    # A longer window refills the same tokens more slowly, from the first request after the change
+    # on: 1200 of 1000 per 2 minutes, so 12 s (100 tokens) later still 100 in debt, and 24 s
+    # after that 100 tokens are left again.
+    slower = build(backend, limit=1000, window="2m")
+    assert not (await call(slower)).admitted
+    clock.advance(12)
+    assert not (await call(slower)).admitted
+    clock.advance(24)
+    assert await remaining(slower) == 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_charge_from_a_request_that_started_on_the_old_plan_counts_at_the_new_rate(backend, build):
+    old_plan = build(backend, limit=1000, window="1m")
+    in_flight = await call(old_plan)
+    new_plan = build(backend, limit=2000, window="1m")
+    await finish(old_plan, in_flight, tokens(output=500))  # 500 tokens, whichever plan counts them
+    assert await remaining(new_plan) == 1500
+    assert await remaining(old_plan) == 500
+
+
+@pytest.mark.parametrize("change", [{"key": "header:x-api-key"}, {"backend": "redis"}, {"id": "other"}, {"chain": "other"}])
+async def test_a_different_key_form_backend_id_or_chain_starts_with_a_full_budget(change, build, chain):
+    first = build(limit=1000)
+    await finish(first, await call(first), tokens(output=1000))
+    assert not (await call(build(limit=1000))).admitted
+    if "chain" in change:
+        change = {"chain": f"{chain}-{change['chain']}"}
+    assert await remaining(build(**{"backend": "memory", "limit": 1000, **change})) == 1000
 
 
 # -- reserve: max_tokens ----------------------------------------------------------------------
@@ -427,9 +481,10 @@ async def test_raw_key_values_and_model_names_never_reach_redis(build, chain, va
     for key in keys:
         digest = key.removeprefix(f"test:{chain}:")
         assert len(digest) == 64 and set(digest) <= set("0123456789abcdef"), key
-    # The value is the bucket's TAT in microseconds of the limiter's clock: now + 10 tokens' worth
-    # (600 ms of the default limit's, 6 s of gpt-4o's 100 per minute).
-    assert values == [b"1000600000", b"1006000000", b"1006000000"]
+    # The value is the bucket's TAT in microseconds of the limiter's clock, now + 10 tokens' worth
+    # (600 ms of the default limit's, 6 s of gpt-4o's 100 per minute), and the rate it was
+    # counted at (window in microseconds, limit), so a changed limit can carry it over.
+    assert values == [b"1000600000:60000000:1000", b"1006000000:60000000:100", b"1006000000:60000000:100"]
     # Redis expires a key in real time once its bucket is full again.
     assert all(0 < ttl <= 6_000 for ttl in ttls), ttls
 

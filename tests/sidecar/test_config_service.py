@@ -283,6 +283,57 @@ async def test_a_restarted_sidecar_resumes_its_last_pushed_plan_before_any_push(
     assert (await refused(second.apply(chain_set(6, stamp("older"))))).code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_the_state_file_is_replaced_whole_never_written_in_place(start_pushable, tmp_path):
+    pushable = await start_pushable(STAMP_YAML)
+    await pushable.apply(chain_set(1, stamp("one")))
+    state = tmp_path / "state.json"
+    first_version = tmp_path / "first-version.json"
+    os.link(state, first_version)  # a second name for the file version 1 was written to
+    reads: list[bytes] = []
+    stop = False
+
+    def read_while_pushing() -> None:
+        while not stop:
+            reads.append(state.read_bytes())
+
+    reader = asyncio.get_running_loop().run_in_executor(None, read_while_pushing)
+    try:
+        for version in range(2, 52):
+            await pushable.apply(chain_set(version, stamp(f"value {version} " + "x" * 4000)))
+    finally:
+        stop = True
+        await reader
+    # Every read found a whole chain set: a reader (a restarting sidecar) never sees half a file.
+    versions = {json.loads(read)["chain_set"]["version"] for read in reads}
+    assert len(versions) > 1
+    # The file of version 1 was never written again: each push wrote a new file and renamed it.
+    assert json.loads(first_version.read_text())["chain_set"]["version"] == "1"
+    assert json.loads(state.read_text())["chain_set"]["version"] == "51"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chain.yaml", "first-version.json", "secret", "state.json"]
+
+
+async def test_pushes_keep_each_limiters_state_and_never_share_it(start_pushable):
+    pushable = await start_pushable()
+
+    def limiter(**entry) -> dict:
+        return {"name": "rate_limiter", "config": {"limit": 2, "window": "1h"}, **entry}
+
+    async def statuses(chain: str, count: int) -> list[int]:
+        return [await pushable.status_for(chain=chain) for _ in range(count)]
+
+    await pushable.apply(chain_set(1, {"default": [limiter()], "premium": [limiter()]}))
+    assert await statuses("default", 3) == [200, 200, 429]
+    # Another chain's entry of the same id has a bucket of its own.
+    await pushable.apply(chain_set(2, {"default": [limiter(priority=1), *FILTER["default"]], "premium": [limiter()]}))
+    assert await statuses("default", 1) == [429]
+    assert await statuses("premium", 3) == [200, 200, 429]
+    # Another id, or another key form, is another limiter: it starts with a full bucket.
+    per_key = limiter(config={"limit": 2, "window": "1h", "key": "header:x-api-key"})
+    await pushable.apply(chain_set(3, {"default": [limiter(id="hourly")], "premium": [per_key]}))
+    assert await statuses("default", 3) == [200, 200, 429]
+    assert await statuses("premium", 3) == [200, 200, 429]
+
+
 @pytest.mark.parametrize("content", [
     "{not json",
     '{"kind": "something.Else", "chain_set": {}}',

@@ -33,6 +33,9 @@ class Defaults:
     """Seconds in-flight requests get to finish after SIGTERM."""
     reload_interval_seconds: float = 1.0
     """Seconds between two checks of the chain file for changes."""
+    reload_settle_seconds: float = 1.0
+    """Seconds a changed chain file must stay the same before it is served: read twice at least
+    this far apart, same bytes, same size and mtime. A file caught half-written is never served."""
 
     # --- The local gateway's Envoy --------------------------------------------------------------
 

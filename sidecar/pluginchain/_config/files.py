@@ -1,5 +1,10 @@
 """Chain files: JSON (``//`` comments allowed), the spec's bare ``"plugin_chain": [...]``
-fragment, or YAML, read and validated in one call."""
+fragment, or YAML, read and validated in one call.
+
+:func:`load_bytes` validates bytes already read, so that a caller that must know exactly what it
+validated (the sidecar's watcher hashes them, and compares them with an earlier read) reads the
+file once and validates those same bytes, never a second read a writer may have changed.
+"""
 
 from __future__ import annotations
 
@@ -35,16 +40,25 @@ def parse_text(text: str, source: str = "<config>") -> Any:
 
 def load_file(path: str | Path, registry: PluginRegistry) -> dict[str, ValidatedChain]:
     """Read, parse and validate a chain file; raise :class:`ConfigError` with every issue."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        data = Path(path).read_bytes()
+    except OSError as error:
         raise ConfigError([ConfigIssue((), f"cannot read file: {error}")], str(path)) from None
-    document = parse_text(text, str(path))
+    return load_bytes(data, str(path), registry)
+
+
+def load_bytes(data: bytes, source: str, registry: PluginRegistry) -> dict[str, ValidatedChain]:
+    """Parse and validate a chain file's content, read from ``source`` (a path: its suffix picks
+    YAML); raise :class:`ConfigError` with every issue."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([ConfigIssue((), f"cannot read file: {error}")], source) from None
+    document = parse_text(text, source)
     try:
         return validate_document(document, registry)
     except ConfigError as error:
-        raise ConfigError(error.issues, str(path)) from None
+        raise ConfigError(error.issues, source) from None
 
 
 def _parse_yaml(text: str, source: str) -> Any:

@@ -34,7 +34,7 @@ from pluginchain._sidecar.config_service import (
     TokenFile,
 )
 from pluginchain._sidecar.extproc import ExternalProcessor, Limits
-from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder, serving_plan
+from pluginchain._sidecar.plans import ChainFileWatcher, PlanHolder, load_chain_file, serving_plan
 from pluginchain.v1 import config_pb2_grpc
 
 logger = logging.getLogger("pluginchain.server")
@@ -63,6 +63,9 @@ class SidecarSettings:
     """Seconds in-flight streams get to finish after SIGTERM."""
     reload_interval: float = DEFAULTS.reload_interval_seconds
     """Seconds between checks of the chain file."""
+    reload_settle: float = DEFAULTS.reload_settle_seconds
+    """Seconds a changed chain file must stay the same before it is served (see
+    ``ChainFileWatcher``); 0 serves a change at the first check that sees it."""
     config_host: str = DEFAULTS.config_host
     """Address for ConfigService; the operator reaches it from outside the pod."""
     config_port: int | None = None
@@ -125,9 +128,14 @@ class Sidecar:
             self._token = TokenFile(settings.token_file)
         else:
             assert settings.config is not None
-            # A bad file at start-up is fatal: there is no good plan to keep serving.
-            self.plans = PlanHolder(serving_plan(load_file(settings.config, self.registry), self.registry))
-            self.watcher = ChainFileWatcher(settings.config, self.registry, self.plans, settings.reload_interval)
+            # A bad file at start-up is fatal: there is no good plan to keep serving. At start-up
+            # the file is taken as it is: whoever starts the sidecar has written it.
+            reading, chains = load_chain_file(settings.config, self.registry)
+            self.plans = PlanHolder(serving_plan(chains, self.registry))
+            self.watcher = ChainFileWatcher(
+                settings.config, self.registry, self.plans, reading,
+                interval=settings.reload_interval, settle=settings.reload_settle,
+            )
         self.health = HealthServicer()
         self.config_health = HealthServicer()
         self.port = 0
@@ -247,7 +255,9 @@ class Sidecar:
         )
 
     async def reload(self) -> bool:
-        """Re-read the chain file now (SIGHUP); push mode has none to re-read."""
+        """Re-read the chain file now and rebuild the plan even if it is unchanged (SIGHUP). A
+        file that has not settled is served by the watcher's next checks once it has; push mode
+        has no file to re-read."""
         if self.watcher is None:
             logger.info("reload ignored: in push mode the plan comes from ConfigService only")
             return False

@@ -1,5 +1,6 @@
 """What the limiters (``rate_limiter``, ``token_limiter``) share: the ``key`` forms and the bucket
-names hashed from them, the Redis connection pool, and the spacing of backend-error warnings."""
+names hashed from them, how a bucket is carried over to a changed rate, the Redis connection
+pool, and the spacing of backend-error warnings."""
 
 from __future__ import annotations
 
@@ -72,6 +73,61 @@ class BucketNames:
         digest = self._identity_hash.copy()
         digest.update(json.dumps(value).encode())
         return f"{self._prefix}:{digest.hexdigest()}"
+
+
+Rate = tuple[int, int]
+"""What one unit (a request, a token) is worth in a bucket, as microseconds ``numerator /
+denominator``: ``(T, 1)`` for a rate limiter's emission interval ``T``, ``(window, limit)`` for
+a token limiter. Stored beside each bucket's TAT, so that a bucket written at one rate is read
+correctly at another."""
+
+
+def carried_over(used: int, was: Rate, rate: Rate) -> int:
+    """``used`` microseconds of a bucket (``TAT - now``) counted at rate ``was``, counted at
+    ``rate``: the same number of units used, rounded half up. This is how a limiter whose
+    ``limit`` or ``window`` changed keeps what a key has used (:data:`LUA_READ_TAT` does the same in
+    Redis)."""
+    numerator = used * rate[0] * was[1]
+    denominator = was[0] * rate[1]
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+LUA_READ_TAT = """
+local tat = now
+local carried = false
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local t, n, d = string.match(stored, '^(%-?%d+):(%d+):(%d+)$')
+  if t then
+    tat = tonumber(t)
+    n = tonumber(n)
+    d = tonumber(d)
+    if tat > now and (n ~= rate_numerator or d ~= rate_denominator) then
+      tat = now + math.floor((tat - now) * (rate_numerator * d) / (n * rate_denominator) + 0.5)
+      carried = true
+    end
+  else
+    tat = tonumber(stored) or now
+  end
+end
+if tat < now then tat = now end
+"""
+"""The Lua twin of reading a bucket with :func:`carried_over`: expects ``now``,
+``rate_numerator`` and ``rate_denominator`` (the limiter's :data:`Rate`) to be set, and sets
+``tat`` (never before ``now``) and ``carried`` (whether it was rescaled from another rate). A
+bucket is stored as ``"TAT:numerator:denominator"``, written with :data:`LUA_TAT_FORMAT`; a bare
+number (written before rates were stored) is taken as counted at the current rate."""
+
+LUA_TAT_FORMAT = "string.format('%d:%d:%d', {tat}, rate_numerator, rate_denominator)"
+"""The Lua expression of a bucket's stored value; ``{tat}`` is the expression of its TAT."""
+
+LUA_KEEP_CARRIED = (
+    "if carried and tat > now then redis.call('SET', KEYS[1], "
+    + LUA_TAT_FORMAT.format(tat="tat")
+    + ", 'PX', math.ceil((tat - now) / 1000)) end"
+)
+"""Stores a bucket that was carried over to this rate on a path that does not write it (a
+refusal): from the first request after a change on, the bucket refills at the new rate."""
 
 
 def check_redis_url(value: str | None) -> str | None:

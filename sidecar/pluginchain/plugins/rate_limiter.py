@@ -17,6 +17,17 @@ in Redis/Valkey and decides with one Lua script on the server clock, so all repl
 limit. When Redis cannot answer in time, ``on_backend_error`` decides, and the failure is logged
 and counted.
 
+A bucket outlives the plan that made it: a chain-file reload or a push that keeps the entry
+(same chain, plugin id, ``key``, ``backend`` and ``key_prefix``) keeps every key's state, so
+editing a chain never hands out a fresh limit. When ``limit`` or ``window`` changed, each bucket
+keeps the requests it has used: ``TAT - now`` is rescaled from the old emission interval to the
+new one, from the key's first request after the change on. Used requests are kept even beyond a
+lowered ``limit`` (the key then waits until it is back under it), so no sequence of changes, a
+limit lowered and raised again say, hands out a request that was not refilled. Each bucket
+stores the interval it was counted at beside its TAT, in memory and in Redis alike, so a request
+still on the old plan counts in the same bucket. Memory buckets of an entry that no
+plan has any more are freed with its last instance.
+
 Tests may give the limiter a clock of their own (``clock=``); the memory backend then counts on
 it, and the Redis script takes "now" from it instead of the server clock.
 
@@ -49,10 +60,13 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._metrics import RATE_LIMITER_BACKEND_ERRORS
-from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS as REDIS_MAX_CONNECTIONS
 from pluginchain.plugins._limits import (
+    LUA_KEEP_CARRIED,
+    LUA_READ_TAT,
+    LUA_TAT_FORMAT,
     BucketNames,
     WarningSpacing,
+    carried_over,
     check_backend_has_its_url,
     check_redis_url,
     key_header,
@@ -60,6 +74,7 @@ from pluginchain.plugins._limits import (
     parse_key,
     redis_client,
 )
+from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS as REDIS_MAX_CONNECTIONS
 
 _MICROS = 1_000_000
 _BACKEND_ERROR_RETRY_AFTER = "1"
@@ -132,15 +147,15 @@ class _Verdict:
 
 
 class _MemoryBuckets:
-    """TAT per bucket key for one (chain, plugin id, limit, window, clock), in microseconds of
-    that clock."""
+    """Per bucket key of one entry (chain, plugin id, key form, prefix, clock): its TAT in
+    microseconds of that clock, and the emission interval it was counted at."""
 
     _SWEEP_EVERY = 1024
 
     __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
 
     def __init__(self) -> None:
-        self._tat: dict[str, int] = {}
+        self._tat: dict[str, tuple[int, int]] = {}
         self._decisions_since_sweep = 0
 
     def decide(self, bucket: str, interval: int, capacity: int, now: int) -> _Verdict:
@@ -150,32 +165,42 @@ class _MemoryBuckets:
         # decision while holding at most about twice the live buckets.
         if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
             self._sweep(now)
-        tat = max(self._tat.get(bucket, now), now)
+        tat, was = self._tat.get(bucket, (now, interval))
+        carried = tat > now and was != interval
+        if carried:
+            tat = now + carried_over(tat - now, (was, 1), (interval, 1))
+        tat = max(tat, now)
         next_tat = tat + interval
         if next_tat - now > capacity:
+            if carried:  # From now on it refills at the new rate.
+                self._tat[bucket] = (tat, interval)
             return _Verdict(False, tat - now)
-        self._tat[bucket] = next_tat
+        self._tat[bucket] = (next_tat, interval)
         return _Verdict(True, next_tat - now)
 
     def _sweep(self, now: int) -> None:
         self._decisions_since_sweep = 0
-        self._tat = {bucket: tat for bucket, tat in self._tat.items() if tat > now}
+        self._tat = {bucket: state for bucket, state in self._tat.items() if state[0] > now}
 
 
-# Buckets outlive a plugin instance while any instance with the same identity, rate and clock
-# exists, so a plan reload that keeps the entry keeps its counts; unused stores go with their
-# instances. The clock is part of the key because TATs of one clock mean nothing to another; in
-# production it is always None (time.monotonic).
+# One store per entry, shared by every instance of it: the old plan's and the new one's across a
+# reload or push, whatever their rates (each bucket carries its own, see _MemoryBuckets). A store
+# lives as long as an instance uses it, so the buckets of an entry no plan has any more are freed
+# with its last instance. The clock is part of the key because TATs of one clock mean nothing to
+# another; in production it is always None (time.monotonic).
 _MEMORY_STORES: weakref.WeakValueDictionary[
-    tuple[str, str, int, float, Callable[[], float] | None], _MemoryBuckets
+    tuple[str, str, str, str, Callable[[], float] | None], _MemoryBuckets
 ] = weakref.WeakValueDictionary()
 
-# KEYS[1]: the bucket. ARGV[1]: emission interval, ARGV[2]: capacity (limit * interval), both in
-# microseconds; ARGV[3], optional: "now" in microseconds, from a clock given to the limiter (tests).
-# Returns {admitted (1/0), microseconds until the bucket is full}. Without ARGV[3] the server clock
-# makes every replica agree on "now". TAT values (~1.7e15) fit a Lua double exactly; formatting
-# them with '%d' keeps every digit, which Lua 5.1's own number-to-string (14 digits) would not.
-_GCRA_SCRIPT = """
+# KEYS[1]: the bucket, stored as "TAT:interval:1" (see _limits.LUA_READ_TAT). ARGV[1]: emission
+# interval, ARGV[2]: capacity (limit * interval), both in microseconds; ARGV[3], optional: "now"
+# in microseconds, from a clock given to the limiter (tests). Returns {admitted (1/0),
+# microseconds until the bucket is full}. Without ARGV[3] the server clock makes every replica
+# agree on "now". A bucket counted at another interval is carried over, as in memory. TAT
+# values (~1.7e15) fit a Lua double exactly; formatting them with '%d' keeps every digit, which
+# Lua 5.1's own number-to-string (14 digits) would not.
+_GCRA_SCRIPT = (
+    """
 if redis.replicate_commands then redis.replicate_commands() end
 local interval = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
@@ -184,16 +209,25 @@ if not now then
   local clock = redis.call('TIME')
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
+local rate_numerator = interval
+local rate_denominator = 1
+"""
+    + LUA_READ_TAT
+    + """
 local next_tat = tat + interval
 if next_tat - now > capacity then
+  """
+    + LUA_KEEP_CARRIED
+    + """
   return {0, tat - now}
 end
 local until_full = next_tat - now
-redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil(until_full / 1000))
+redis.call('SET', KEYS[1], """
+    + LUA_TAT_FORMAT.format(tat="next_tat")
+    + """, 'PX', math.ceil(until_full / 1000))
 return {1, until_full}
 """
+)
 
 
 class RateLimiter(Plugin):
@@ -233,7 +267,7 @@ class RateLimiter(Plugin):
         self._memory: _MemoryBuckets | None = None
         self._redis: Redis | None = None
         if config.backend == "memory":
-            store_key = (settings.chain, settings.id, config.limit, config.window, clock)
+            store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
             self._memory = _MEMORY_STORES.get(store_key)
             if self._memory is None:
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()

@@ -49,6 +49,14 @@ Either failure is logged (one warning per ten seconds at most) and counted in
 ``pluginchain_rate_limiter_backend_errors_total`` with this plugin's id (``decision`` ``allow``
 or ``deny`` for checks, ``unsettled`` for charges).
 
+A bucket outlives the plan that made it: a chain-file reload or a push that keeps the entry
+(same chain, plugin id, ``key``, ``backend`` and ``key_prefix``) keeps every key's budget. When a
+limit (``limit``, a model's) or ``window`` changed, each bucket keeps the tokens it has used:
+``TAT - now`` is rescaled from the old worth of a token to the new one (debt included). Each
+bucket stores the rate it was counted at beside its TAT, in memory and in Redis alike, so a
+charge from a request that started on the old plan is counted correctly too. Memory buckets of
+an entry that no plan has any more are freed with its last instance.
+
 Tests may give the limiter a clock of their own (``clock=``); the memory backend then counts on
 it, and the Redis script takes "now" from it instead of the server clock.
 
@@ -84,8 +92,13 @@ from pluginchain._api.plugin import (
 )
 from pluginchain._metrics import RATE_LIMITER_BACKEND_ERRORS
 from pluginchain.plugins._limits import (
+    LUA_KEEP_CARRIED,
+    LUA_READ_TAT,
+    LUA_TAT_FORMAT,
     BucketNames,
+    Rate,
     WarningSpacing,
+    carried_over,
     check_backend_has_its_url,
     check_redis_url,
     key_header,
@@ -211,13 +224,15 @@ class _Admission:
 class _Budget:
     """The rate of one limit (``limit`` or a model's): tokens and their worth in microseconds."""
 
-    __slots__ = ("limit", "model", "window", "names", "global_bucket")
+    __slots__ = ("limit", "model", "window", "rate", "names", "global_bucket")
 
     def __init__(self, limit: int, model: str | None, window: int, names: BucketNames, global_key: bool):
         self.limit = limit
         self.model = model
         self.window = window
         """The window in microseconds: what a full bucket holds."""
+        self.rate: Rate = (window, limit)
+        """A token's worth in microseconds, stored beside each bucket's TAT."""
         self.names = names
         self.global_bucket = names(None) if global_key else None
 
@@ -238,17 +253,18 @@ class _Budget:
 
 
 class _MemoryBuckets:
-    """TAT per bucket key for one (chain, plugin id, rates, clock), in microseconds of that clock."""
+    """Per bucket key of one entry (chain, plugin id, key form, prefix, clock): its TAT in
+    microseconds of that clock, and the rate it was counted at."""
 
     _SWEEP_EVERY = 1024
 
     __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
 
     def __init__(self) -> None:
-        self._tat: dict[str, int] = {}
+        self._tat: dict[str, tuple[int, Rate]] = {}
         self._decisions_since_sweep = 0
 
-    def apply(self, bucket: str, threshold: int | None, delta: int, now: int) -> _Verdict:
+    def apply(self, bucket: str, rate: Rate, threshold: int | None, delta: int, now: int) -> _Verdict:
         """What the Redis script does (see there), on this process's dict."""
         # No await in here: on one event loop this read-modify-write cannot interleave.
         self._decisions_since_sweep += 1
@@ -256,64 +272,88 @@ class _MemoryBuckets:
         # decision while holding at most about twice the live buckets.
         if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
             self._sweep(now)
-        before = max(self._tat.get(bucket, now) - now, 0)
+        tat, was = self._tat.get(bucket, (now, rate))
+        before = max(tat - now, 0)
+        if before and was != rate:
+            before = min(_MAX_DEBT, carried_over(before, was, rate))
+            # Stored at once, whatever follows: from now on it refills at the new rate.
+            self._tat[bucket] = (now + before, rate)
         if threshold is not None and before > threshold:
             return _Verdict(False, before, before)
         after = max(0, min(_MAX_DEBT, before + delta))
         if after > 0:
-            self._tat[bucket] = now + after
+            self._tat[bucket] = (now + after, rate)
         else:
             self._tat.pop(bucket, None)
         return _Verdict(True, before, after)
 
     def _sweep(self, now: int) -> None:
         self._decisions_since_sweep = 0
-        self._tat = {bucket: tat for bucket, tat in self._tat.items() if tat > now}
+        self._tat = {bucket: state for bucket, state in self._tat.items() if state[0] > now}
 
 
-# Buckets outlive a plugin instance while any instance with the same identity, rates and clock
-# exists, so a plan reload that keeps the entry keeps its counts; unused stores go with their
-# instances. The clock is part of the key because TATs of one clock mean nothing to another; in
-# production it is always None (time.monotonic).
-_MEMORY_STORES: weakref.WeakValueDictionary[tuple[Any, ...], _MemoryBuckets] = weakref.WeakValueDictionary()
+# One store per entry, shared by every instance of it: the old plan's and the new one's across a
+# reload or push, whatever their rates (each bucket carries its own, see _MemoryBuckets). A store
+# lives as long as an instance uses it, so the buckets of an entry no plan has any more are freed
+# with its last instance. The clock is part of the key because TATs of one clock mean nothing to
+# another; in production it is always None (time.monotonic).
+_MEMORY_STORES: weakref.WeakValueDictionary[
+    tuple[str, str, str, str, Callable[[], float] | None], _MemoryBuckets
+] = weakref.WeakValueDictionary()
 
-# KEYS[1]: the bucket. ARGV[1]: the most microseconds from full at which the request is admitted,
-# or "" to admit whatever the bucket holds (a charge after the response); ARGV[2]: microseconds to
-# move the TAT on admission (a charge; negative: a refund, which stops at "now", a full bucket);
-# ARGV[3]: the most microseconds the TAT may run ahead of "now"; ARGV[4], optional: "now" in
-# microseconds, from a clock given to the limiter (tests). Without ARGV[4] the server clock makes
-# every replica agree on "now". Returns {admitted (1/0), microseconds until full before, after}.
-# TAT values (~1.7e15) fit a Lua double exactly; formatting them with '%d' keeps every digit,
-# which Lua 5.1's own number-to-string (14 digits) would not.
-_TOKEN_SCRIPT = """
+# KEYS[1]: the bucket, stored as "TAT:window:limit" (see _limits.LUA_READ_TAT). ARGV[1]: the most
+# microseconds from full at which the request is admitted, or "" to admit whatever the bucket holds
+# (a charge after the response); ARGV[2]: microseconds to move the TAT on admission (a charge;
+# negative: a refund, which stops at "now", a full bucket); ARGV[3]: the most microseconds the TAT
+# may run ahead of "now"; ARGV[4] and ARGV[5]: the bucket's rate (window in microseconds, limit);
+# ARGV[6], optional: "now" in microseconds, from a clock given to the limiter (tests). Without
+# ARGV[6] the server clock makes every replica agree on "now". Returns {admitted (1/0),
+# microseconds until full before, after}. A bucket counted at another rate is carried over, as in
+# memory. TAT values (~1.7e15) fit a Lua double exactly; formatting them with '%d' keeps every
+# digit, which Lua 5.1's own number-to-string (14 digits) would not.
+_TOKEN_SCRIPT = (
+    """
 if redis.replicate_commands then redis.replicate_commands() end
-local now = tonumber(ARGV[4])
+local now = tonumber(ARGV[6])
 if not now then
   local clock = redis.call('TIME')
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local rate_numerator = tonumber(ARGV[4])
+local rate_denominator = tonumber(ARGV[5])
+"""
+    + LUA_READ_TAT
+    + """
+local max_debt = tonumber(ARGV[3])
+if tat - now > max_debt then tat = now + max_debt end
 local before = tat - now
-if before < 0 then before = 0 end
 local threshold = tonumber(ARGV[1])
 if threshold and before > threshold then
+  """
+    + LUA_KEEP_CARRIED
+    + """
   return {0, before, before}
 end
 local delta = tonumber(ARGV[2])
 if delta == 0 then
+  """
+    + LUA_KEEP_CARRIED
+    + """
   return {1, before, before}
 end
 local after = before + delta
 if after < 0 then after = 0 end
-local max_debt = tonumber(ARGV[3])
 if after > max_debt then after = max_debt end
 if after > 0 then
-  redis.call('SET', KEYS[1], string.format('%d', now + after), 'PX', math.ceil(after / 1000))
+  redis.call('SET', KEYS[1], """
+    + LUA_TAT_FORMAT.format(tat="now + after")
+    + """, 'PX', math.ceil(after / 1000))
 else
   redis.call('DEL', KEYS[1])
 end
 return {1, before, after}
 """
+)
 
 
 class TokenLimiter(Plugin):
@@ -360,8 +400,7 @@ class TokenLimiter(Plugin):
         self._memory: _MemoryBuckets | None = None
         self._redis: Redis | None = None
         if config.backend == "memory":
-            rates = (config.window, config.count, config.limit, tuple(sorted(config.models.items())))
-            store_key = (settings.chain, settings.id, rates, clock)
+            store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
             self._memory = _MEMORY_STORES.get(store_key)
             if self._memory is None:
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
@@ -396,7 +435,7 @@ class TokenLimiter(Plugin):
             )
         # Admitted while at least one token is left, or the whole reservation.
         threshold = budget.threshold(max(1, reservation))
-        verdict = await self._check(ctx, bucket, threshold, budget.cost(reservation))
+        verdict = await self._check(ctx, bucket, budget.rate, threshold, budget.cost(reservation))
         if verdict is None:  # The backend failed and on_backend_error allowed the request.
             data.metadata[self._admission_key] = _Admission(bucket, budget.model, 0)
             return
@@ -422,7 +461,7 @@ class TokenLimiter(Plugin):
         budget = self._default if admission.model is None else self._models.get(admission.model, self._default)
         delta = budget.cost(used) - budget.cost(admission.reserved)
         try:
-            await self._apply(admission.bucket, None, delta)
+            await self._apply(admission.bucket, budget.rate, None, delta)
         except (RedisError, OSError, TimeoutError) as error:
             RATE_LIMITER_BACKEND_ERRORS.labels(self.settings.chain, self.settings.id, "unsettled").inc()
             extra = used - admission.reserved
@@ -483,12 +522,12 @@ class TokenLimiter(Plugin):
             },
         )
 
-    async def _check(self, ctx: PluginContext, bucket: str, threshold: int, cost: int) -> _Verdict | None:
+    async def _check(self, ctx: PluginContext, bucket: str, rate: Rate, threshold: int, cost: int) -> _Verdict | None:
         """The verdict, or ``None`` when the backend failed and ``on_backend_error`` allows the request."""
         if self._memory is not None:
-            return self._memory.apply(bucket, threshold, cost, _micros(self._clock()))
+            return self._memory.apply(bucket, rate, threshold, cost, _micros(self._clock()))
         try:
-            return await self._apply(bucket, threshold, cost)
+            return await self._apply(bucket, rate, threshold, cost)
         except (RedisError, OSError, TimeoutError) as error:
             deny = self.config.on_backend_error == "deny"
             # Bound here, not when built: a plan compiled only to be checked creates no series.
@@ -504,12 +543,12 @@ class TokenLimiter(Plugin):
                 ) from None
             return None
 
-    async def _apply(self, bucket: str, threshold: int | None, delta: int) -> _Verdict:
-        """Check (unless ``threshold`` is None) and move ``bucket`` by ``delta`` microseconds;
-        raises what the Redis backend raises."""
+    async def _apply(self, bucket: str, rate: Rate, threshold: int | None, delta: int) -> _Verdict:
+        """Check (unless ``threshold`` is None) and move ``bucket``, counted at ``rate``, by
+        ``delta`` microseconds; raises what the Redis backend raises."""
         if self._memory is not None:
-            return self._memory.apply(bucket, threshold, delta, _micros(self._clock()))
-        args: list[int | str] = ["" if threshold is None else threshold, delta, _MAX_DEBT]
+            return self._memory.apply(bucket, rate, threshold, delta, _micros(self._clock()))
+        args: list[int | str] = ["" if threshold is None else threshold, delta, _MAX_DEBT, *rate]
         if self._redis_clock is not None:
             args.append(_micros(self._redis_clock()))
         async with asyncio.timeout(self.config.redis_timeout):
