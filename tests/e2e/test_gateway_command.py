@@ -1,0 +1,115 @@
+"""``pluginchain gateway`` as a process: it fails loudly when it cannot serve, and its Envoy never
+outlives it."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.harness import BIN, ROOT, free_port, wait_until
+
+
+def gateway_argv(*, port: int, admin_port: int) -> list[str]:
+    return [
+        str(BIN / "pluginchain"), "gateway", "--config", "examples/chain.yaml", "--upstream", "http://127.0.0.1:9",
+        "--port", str(port), "--admin-port", str(admin_port), "--metrics-port", "-1", "--log-level", "warning",
+    ]
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie is dead; only its parent (here, maybe nobody) has not reaped it
+
+
+def test_envoy_dies_with_a_killed_gateway(started):
+    port = free_port()
+    gateway = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    started.append(gateway)
+    assert gateway.stdout is not None
+    for line in gateway.stdout:
+        if "pluginchain gateway is up" in line:
+            break
+    [envoy] = [child for child in children_of(gateway.pid) if "envoy" in Path(f"/proc/{child}/cmdline").read_text()]
+    gateway.send_signal(signal.SIGKILL)
+    gateway.wait()
+    try:
+        wait_until(lambda: not is_running(envoy), timeout=10, what="envoy gone")
+    finally:
+        if is_running(envoy):
+            os.kill(envoy, signal.SIGKILL)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the listener port is still served"
+
+
+class _ImpostorAdmin(http.server.BaseHTTPRequestHandler):
+    """Another Envoy's admin endpoint: ready, and running some other bootstrap."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"command_line_options": {"config_path": "/etc/other/envoy.yaml"}}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def test_a_taken_admin_port_fails_the_gateway_with_one_line_naming_it(started):
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImpostorAdmin)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    admin_port = impostor.server_address[1]
+    try:
+        gateway = subprocess.Popen(gateway_argv(port=free_port(), admin_port=admin_port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(gateway)
+        out, err = gateway.communicate(timeout=60)
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert gateway.returncode == 1
+    assert "is up" not in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(admin_port) in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_a_bad_log_level_is_refused_with_the_choices():
+    result = subprocess.run(
+        [str(BIN / "pluginchain"), "gateway", "--config", "examples/chain.yaml", "--upstream", "http://127.0.0.1:9", "--log-level", "verbose"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'verbose'" in result.stderr and "debug" in result.stderr
+    assert "Traceback" not in result.stderr
