@@ -5,9 +5,13 @@ The stable import path for plugin authors: everything a plugin needs is importab
 
 from pluginchain._api.durations import Duration
 from pluginchain._api.plugin import (
+    FRAMING_HEADERS,
     MAX_JSON_DEPTH,
+    BodyDuplicateKeys,
     BodyNotJSON,
+    BodyNotUTF8,
     BodyTooDeep,
+    BodyUninspectable,
     Exchange,
     Failure,
     HttpMessage,
@@ -25,8 +29,12 @@ from pluginchain._api.plugin import (
 from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
 
 __all__ = [
+    "FRAMING_HEADERS",
+    "BodyDuplicateKeys",
     "BodyNotJSON",
+    "BodyNotUTF8",
     "BodyTooDeep",
+    "BodyUninspectable",
     "Duration",
     "Exchange",
     "Failure",

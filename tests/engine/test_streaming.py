@@ -319,6 +319,16 @@ async def test_an_event_too_deeply_nested_to_read_ends_the_stream():
     assert events(received)[-1]["error"]["code"] == "stream_unreadable"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("unreadable", [
+    b'data: {"choices":[{"index":0,"delta":{"content":"123-45-6789","content":"ok"}}]}\n\n',  # which one does the client take?
+    b'data: {"choices":[{"index":0,"delta":{"content":"123-45-\\ud800-6789"}}]}\n\n',  # a lone surrogate
+])
+async def test_an_event_two_readers_may_read_differently_ends_the_stream(unreadable: bytes):
+    received = await stream_through(redactor()).feed(chat_event("fine " * 5) + unreadable, True)
+    assert "123" not in content(received)
+    assert events(received)[-1]["error"]["code"] == "stream_unreadable"  # type: ignore[index]
+
+
 async def test_events_whose_text_leaves_as_it_came_are_not_rewritten():
     role, first, done = chat_event("", role="assistant"), chat_event("a" * 40), chat_event(finish="stop")
     received = await feed_all(stream_through(redactor()), [role, first, chat_event(" and more"), done])

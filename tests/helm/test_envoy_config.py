@@ -94,3 +94,16 @@ def test_the_readme_istio_filter_is_the_built_in_ext_proc_filter():
     built_in["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
     assert copied == built_in
     assert copied_cluster == "outbound|80||pluginchain-gateway.pluginchain.svc.cluster.local"
+
+
+def test_the_chart_has_envoy_refuse_framing_mutations_as_errors():
+    """Pseudo-headers, host and x-envoy-* (disallow_system, allow_envoy unset), connection headers
+    by name, each refusal an error: tests/e2e/test_framing_through_envoy.py proves what they do."""
+    config = render(REALISTIC).envoy_config()
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    rules = manager["http_filters"][0]["typed_config"]["mutation_rules"]
+    assert rules == {
+        "disallow_system": True,
+        "disallow_expression": {"regex": "transfer-encoding|connection|keep-alive|proxy-connection|te|upgrade"},
+        "disallow_is_error": True,
+    }

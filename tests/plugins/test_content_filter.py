@@ -13,6 +13,7 @@ from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
 from pluginchain._config.issues import pydantic_issues
 from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
+from tests.plugins.media import png_data_url
 
 
 def chat(*contents, model="gpt-4o") -> bytes:
@@ -123,7 +124,8 @@ async def test_every_place_a_model_reads_text_is_inspected():
 
 
 async def test_identifiers_and_base64_payloads_are_not_text():
-    image = "data:image/png;base64," + "QkFOTkVE" * 1000  # would contain "banned" if read as text
+    image = png_data_url()
+    assert image.startswith("data:image/png;base64,iVBORw0KGgo")  # what the second pattern would find
     body = {
         "model": "banned-model",
         "messages": [{"role": "user", "content": [
@@ -133,7 +135,7 @@ async def test_identifiers_and_base64_payloads_are_not_text():
     }
     exchange = make_exchange(body=json.dumps(body).encode())
 
-    await run_plugin(banning("banned", "qkfotkve"), exchange)
+    await run_plugin(banning("banned", "ivborw0kggo"), exchange)
 
     assert not exchange.request.body_replaced
 

@@ -180,3 +180,50 @@ def test_an_empty_config_requires_json():
 )
 def test_config_mistakes_are_reported(config, issue):
     assert config_issues(config) == [issue]
+
+
+# --- one reading only ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("require_json", [True, False])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"model": "not-allowed", "model": "gpt-4o", "messages": []}', "duplicate_json_keys"),
+        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "a", "content": "b"}]}', "duplicate_json_keys"),
+        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff"}]}', "invalid_utf8"),
+        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\udc00"}]}', "invalid_utf8"),
+    ],
+    ids=["duplicate-model", "duplicate-deep", "invalid-utf8", "lone-surrogate"],
+)
+async def test_json_two_parsers_may_read_differently_is_refused_whatever_the_rules(body, code, require_json):
+    # One parser takes the first "model", another the last: the allow-list must not judge one of them.
+    reject = await rejection(validator(require_json=require_json, allowed_models=["gpt-4o"]), body)
+
+    status, error_code, message = error_of(reject)
+    assert (status, error_code) == (400, code)
+    assert message.startswith(f"content_validator: {code}: body ")
+
+
+async def test_without_require_json_a_body_meant_as_json_must_still_parse():
+    # A lenient upstream may read the document and ignore what follows it: the rules would be skipped.
+    plugin = validator(require_json=False, allowed_models=["gpt-4o"])
+    reject = await rejection(plugin, b'{"model": "not-allowed", "messages": []} trailing')
+
+    status, code, message = error_of(reject)
+    assert (status, code) == (400, "uninspectable_body")
+    assert "Extra data" in message
+
+    await run_plugin(plugin, make_exchange(body=b"plain text \xff, not meant as JSON"))
+
+
+async def test_a_gzip_request_fails_require_json_saying_so():
+    import gzip
+
+    plugin = validator(allowed_models=["gpt-4o"])
+    with pytest.raises(Reject) as info:
+        await run_plugin(plugin, make_exchange(headers={"content-encoding": "gzip"}, body=gzip.compress(chat())))
+
+    assert error_of(info.value) == (
+        400, "require_json", "content_validator: require_json: body is gzip-encoded; send JSON without a content-encoding"
+    )

@@ -198,6 +198,26 @@ SECRETS = {
     "proxy-authorization": "Basic cHJveHk=",
 }
 
+MORE_SECRETS = {
+    "x-goog-api-key": "AIza-goog-secret",
+    "api-key": "azure-secret",
+    "ocp-apim-subscription-key": "apim-secret",
+    "x-amz-security-token": "amz-session-secret",
+    "x-amz-signature": "amz-signature-secret",
+    "x-auth-token": "auth-token-secret",
+    "x-client-secret": "client-secret-value",
+    "set-cookie": "id=cookie-secret",
+}
+"""Credential headers by other names, each value a secret the validator must never see."""
+
+NOT_SECRETS = {
+    "x-tenant": "acme",
+    "content-type": "application/json",
+    "x-ratelimit-remaining-tokens": "900",
+    "x-amz-date": "20250101T000000Z",
+    "x-request-id": "r-1",
+}
+
 
 async def test_credentials_are_not_forwarded_by_default(validator, plugins):
     plugin = plugins({"url": validator.url, "headers": {"authorization": "Bearer validator-token"}})
@@ -208,6 +228,72 @@ async def test_credentials_are_not_forwarded_by_default(validator, plugins):
     assert call.payload["request"]["headers"] == {"x-tenant": "acme"}
     # The validator's own credential, from config, is what authenticates the call.
     assert call.headers["authorization"] == "Bearer validator-token"
+
+
+async def test_no_credential_header_is_forwarded_whatever_its_name(validator, plugins):
+    plugin = plugins({"url": validator.url})
+
+    await run_plugin(plugin, make_exchange(headers={**SECRETS, **MORE_SECRETS, **NOT_SECRETS}, body=CHAT))
+
+    [call] = validator.calls
+    assert call.payload["request"]["headers"] == NOT_SECRETS
+    sent = json.dumps(call.payload)
+    assert not [value for value in {**SECRETS, **MORE_SECRETS}.values() if value in sent]
+
+
+GEMINI_PATH = "/v1beta/models/gemini-pro:streamGenerateContent?alt=sse&key=AIza-query-secret"
+PRESIGNED = (
+    "https://bucket.s3.amazonaws.com/doc.pdf?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA-secret%2F20250101"
+    "&X-Amz-Security-Token=amz-token-secret&X-Amz-Signature=amz-sig-secret&part=2"
+)
+QUERY_SECRETS = ("AIza-query-secret", "AKIA-secret", "amz-token-secret", "amz-sig-secret", "tok-secret", "sas-secret", "k2-secret")
+
+
+async def test_credential_query_parameters_are_taken_out_of_every_forwarded_path_and_url(validator, plugins):
+    plugin = plugins({"url": validator.url})
+    headers = {
+        ":path": GEMINI_PATH,
+        "referer": "https://app.example/chat?page=2&access_token=tok-secret&sig=sas-secret#top",
+        "x-original-url": "/v1/chat/completions?API_KEY=k2-secret",
+        "x-query-note": "what? no url here",
+    }
+
+    await run_plugin(plugin, make_exchange(headers=headers, body=CHAT))
+
+    forwarded = validator.calls[0].payload["request"]["headers"]
+    assert forwarded == {
+        ":path": "/v1beta/models/gemini-pro:streamGenerateContent?alt=sse",
+        "referer": "https://app.example/chat?page=2#top",
+        "x-original-url": "/v1/chat/completions",
+        "x-query-note": "what? no url here",
+    }
+    sent = json.dumps(validator.calls[0].payload)
+    assert not [secret for secret in QUERY_SECRETS if secret in sent]
+
+
+async def test_a_presigned_url_loses_its_signature_and_keeps_the_rest(validator, plugins):
+    plugin = plugins({"url": validator.url})
+
+    await run_plugin(plugin, make_exchange(headers={"x-source-url": PRESIGNED}, body=CHAT))
+
+    assert validator.calls[0].payload["request"]["headers"]["x-source-url"] == (
+        "https://bucket.s3.amazonaws.com/doc.pdf?X-Amz-Algorithm=AWS4-HMAC-SHA256&part=2"
+    )
+
+
+async def test_named_headers_and_parameters_are_forwarded_and_nothing_else_is(validator, plugins):
+    plugin = plugins({
+        "url": validator.url, "forward_headers": [":path", "x-goog-api-key"], "forward_query_parameters": ["KEY"],
+    })
+    headers = {":path": GEMINI_PATH + "&access_token=tok-secret", "x-goog-api-key": "AIza-goog-secret", "x-tenant": "acme"}
+
+    await run_plugin(plugin, make_exchange(headers=headers, body=CHAT))
+
+    assert validator.calls[0].payload["request"]["headers"] == {
+        # key is named: kept; access_token is not: taken out even from a named header.
+        ":path": GEMINI_PATH,
+        "x-goog-api-key": "AIza-goog-secret",
+    }
 
 
 async def test_forward_headers_sends_exactly_the_named_headers(validator, plugins):
@@ -405,6 +491,7 @@ def test_an_entry_without_config_validates_against_the_local_default(plugins):
         ({"headers": {"x bad": "1"}}, "not a valid header name in headers"),
         ({"headers": {"authorization": "Bearer a\r\nx-injected: 1"}}, "value of header 'authorization'"),
         ({"forward_headers": ["x tenant"]}, "not a valid header name in forward_headers"),
+        ({"forward_query_parameters": ["key=1"]}, "not a query parameter name in forward_query_parameters"),
     ],
 )
 def test_config_errors_name_what_is_wrong(config, complaint):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import logging
 import tracemalloc
 
 import grpc
@@ -13,8 +15,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 
+from pluginchain import HttpMessage
 from pluginchain._sidecar.server import Sidecar, SidecarSettings
-from tests.support.extproc import PLUGINS, request_headers
+from tests.support.extproc import PLUGINS, request_body, request_headers, response_body, response_headers
 
 Mode = processing_mode_pb2.ProcessingMode
 
@@ -177,3 +180,198 @@ async def test_draining_reports_not_serving_and_lets_in_flight_streams_finish(st
     answer = await call.read()
     assert answer.WhichOneof("response") == "request_headers"
     await drain
+
+
+# -- the protocol: each phase once, in order, and only when asked for --------------------------------
+
+PROTOCOL_CHAINS = """
+chains:
+  default: [{name: content_filter, config: {banned_patterns: ["forbidden phrase"]}}]
+  headers_only: [{name: stamp}]
+  responses: [{name: content_filter, stage: post_request, config: {banned_patterns: ["forbidden phrase"]}}]
+"""
+
+CLEAN = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+BANNED = json.dumps({"model": "m", "messages": [{"role": "user", "content": "the forbidden phrase"}]}).encode()
+COMPLETION = json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine"}}]}).encode()
+BANNED_COMPLETION = json.dumps({"choices": [{"message": {"role": "assistant", "content": "the forbidden phrase"}}]}).encode()
+EVENT = b'data: {"choices": [{"delta": {"content": "fine"}}]}\n\n'
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def until_refused(stub, *requests: pb.ProcessingRequest, metadata=()) -> tuple[list[pb.ProcessingResponse], grpc.aio.AioRpcError]:
+    """Send ``requests``, each answered but the last, which must end the stream with an error."""
+    call = stub.Process(metadata=metadata)
+    answers = []
+    for request in requests[:-1]:
+        await call.write(request)
+        answers.append(await call.read())
+    await call.write(requests[-1])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    return answers, refused.value
+
+
+def chain(name: str) -> tuple[tuple[str, str], ...]:
+    return (("x-pluginchain-chain", name),)
+
+
+OUT_OF_ORDER = {
+    "a second request body after the request was decided": (
+        "default", [request_headers(), request_body(CLEAN), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
+    "response headers before the request headers": (
+        "responses", [response_headers()], FAILED_PRECONDITION, "unexpected response_headers: a stream starts with the request headers"),
+    "the request headers twice": (
+        "headers_only", [request_headers(end_of_stream=True), request_headers()], FAILED_PRECONDITION, "unexpected request_headers"),
+    "a request body the mode did not ask for": (
+        "headers_only", [request_headers(), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
+    "a request body after headers that ended the request": (
+        "default", [request_headers(end_of_stream=True), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
+    "a part of a body in BUFFERED mode": (
+        "default", [request_headers(), request_body(BANNED[:20], end_of_stream=False)], INVALID_ARGUMENT,
+        "request body message without end_of_stream in BUFFERED mode"),
+    "a response body before the response headers": (
+        "responses", [request_headers(end_of_stream=True), response_body(BANNED_COMPLETION)], FAILED_PRECONDITION,
+        "unexpected response_body: the request was answered; the response headers are awaited"),
+    "a second response body": (
+        "responses", [request_headers(end_of_stream=True), response_headers(), response_body(COMPLETION), response_body(BANNED_COMPLETION)],
+        FAILED_PRECONDITION, "unexpected response_body: the exchange is over"),
+    "response phases the mode skipped": (
+        "default", [request_headers(), request_body(CLEAN), response_headers()], FAILED_PRECONDITION, "unexpected response_headers"),
+    "trailers the mode skipped": (
+        "headers_only", [request_headers(), pb.ProcessingRequest(request_trailers=pb.HttpTrailers())], FAILED_PRECONDITION,
+        "unexpected request_trailers"),
+    "a message without a phase": ("headers_only", [pb.ProcessingRequest()], INVALID_ARGUMENT, "ext_proc message carries no phase"),
+    "a stream chunk after the stream ended": (
+        "responses", [request_headers(end_of_stream=True), response_headers(content_type="text/event-stream"),
+                      response_body(EVENT, end_of_stream=True), response_body(b"data: [DONE]\n\n", end_of_stream=False)],
+        FAILED_PRECONDITION, "unexpected response_body"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_ORDER))
+async def test_a_phase_out_of_order_ends_the_stream_with_a_clean_error_and_one_log_line(start_sidecar, caplog, case):
+    chain_name, requests, code, details = OUT_OF_ORDER[case]
+    _, stub = await start_sidecar(PROTOCOL_CHAINS)
+    caplog.set_level(logging.DEBUG)
+
+    answers, refused = await until_refused(stub, *requests, metadata=chain(chain_name))
+
+    assert refused.code() == code
+    assert details in refused.details()
+    assert all(answer.WhichOneof("response") != "immediate_response" for answer in answers)
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in problems] == [f"ext_proc stream refused with {code.name}: {refused.details()}"]
+    assert not any(r.exc_info for r in caplog.records), "no traceback for a protocol error"
+    # The service keeps serving.
+    [again] = await exchange(stub, request_headers(end_of_stream=True), metadata=chain("headers_only"))
+    assert again.WhichOneof("response") == "request_headers"
+
+
+async def test_a_second_request_body_with_banned_text_is_never_answered_continue(start_sidecar):
+    _, stub = await start_sidecar(PROTOCOL_CHAINS)
+    # The banned body alone is refused, so what follows is about order, not about the filter.
+    _, refused_alone = await exchange(stub, request_headers(), request_body(BANNED))
+    assert refused_alone.immediate_response.status.code == 403
+
+    call = stub.Process()
+    await call.write(request_headers())
+    await call.read()
+    await call.write(request_body(CLEAN))
+    first = await call.read()
+    assert first.WhichOneof("response") == "request_body"
+    await call.write(request_body(BANNED))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() == FAILED_PRECONDITION
+
+
+def test_a_body_assigned_anew_is_parsed_anew():
+    """Each body message is judged on its own bytes: a cached parse never outlives its body."""
+    message = HttpMessage(body=CLEAN)
+    assert message.json()["messages"][0]["content"] == "hello"
+    message.body = BANNED
+    assert message.json()["messages"][0]["content"] == "the forbidden phrase"
+
+
+# -- framing is the proxy's ------------------------------------------------------------------------
+
+FRAMING_ATTEMPTS = {
+    "set content-length": ("{set_headers: {content-length: '5'}}", "cannot set header 'content-length'"),
+    "set transfer-encoding": ("{set_headers: {Transfer-Encoding: chunked}}", "cannot set header 'transfer-encoding'"),
+    "remove content-length": ("{remove_headers: [content-length]}", "cannot remove header 'content-length'"),
+    "set :path": ("{set_headers: {':path': /admin}}", "cannot set header ':path'"),
+    "set :method": ("{set_headers: {':method': GET}}", "cannot set header ':method'"),
+    "set :authority": ("{set_headers: {':authority': evil.example}}", "cannot set header ':authority'"),
+    "set host": ("{set_headers: {host: evil.example}}", "cannot set header 'host'"),
+    "set x-envoy-*": ("{set_headers: {x-envoy-original-path: /admin}}", "cannot set header 'x-envoy-original-path'"),
+    "set connection": ("{set_headers: {connection: close}}", "cannot set header 'connection'"),
+    "set a header with a line break": ("{set_headers: {x-note: \"a\\r\\nx-injected: 1\"}}", "cannot set header 'x-note': its value contains a line break"),
+    "set :status on the response": ("{response_headers: {':status': '200'}}", "cannot set header ':status'"),
+    "set content-length on the response": ("{response_headers: {content-length: '3'}}", "cannot set header 'content-length'"),
+    "reject with content-length": ("{reject_status: 403, reject_headers: {content-length: '1'}}", "cannot set header 'content-length'"),
+    "replace a body the chain did not ask for": (
+        "{set_body: '{}'}", "cannot replace the request body: the chain did not ask Envoy for it"),
+}
+FRAMING_ATTEMPTS_ON_BODYLESS_REQUESTS = {
+    "replace the body of a request its headers ended": (
+        "{reads_body: true, set_body: '{}'}", "cannot replace the request body: no body phase is open for it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAMING_ATTEMPTS) + sorted(FRAMING_ATTEMPTS_ON_BODYLESS_REQUESTS))
+async def test_a_plugin_touching_the_framing_fails_and_the_log_names_the_header(start_sidecar, caplog, case):
+    config, complaint = FRAMING_ATTEMPTS.get(case) or FRAMING_ATTEMPTS_ON_BODYLESS_REQUESTS[case]
+    headers = request_headers(end_of_stream=case in FRAMING_ATTEMPTS_ON_BODYLESS_REQUESTS)
+    _, stub = await start_sidecar(f"""
+chains:
+  default: [{{name: scripted, id: framer, config: {config}}}]
+  open: [{{name: scripted, id: framer, on_error: fail_open, config: {config}}}]
+""")
+    caplog.set_level(logging.WARNING)
+
+    [closed] = await exchange(stub, headers)
+
+    assert closed.immediate_response.status.code == 500
+    assert json.loads(closed.immediate_response.body)["error"]["code"] == "plugin_failed"
+    [failure] = [r.getMessage() for r in caplog.records if "plugin framer failed" in r.getMessage()]
+    assert complaint in failure
+
+    # fail_open: the request goes on, and nothing of the attempt reaches Envoy.
+    [opened] = await exchange(stub, headers, metadata=chain("open"))
+    assert opened.WhichOneof("response") == "request_headers"
+    assert not opened.request_headers.response.HasField("header_mutation")
+    assert not opened.request_headers.response.HasField("body_mutation")
+
+
+async def test_the_response_body_of_a_streamed_completion_cannot_be_replaced_whole_on_its_headers(start_sidecar, caplog):
+    """A post_request plugin that reads no body runs on a stream's headers: no body to replace."""
+    _, stub = await start_sidecar("""
+chains:
+  default:
+    - {name: content_filter, stage: post_request, config: {banned_patterns: [x]}}
+    - {name: scripted, id: rewriter, stage: post_request, config: {set_body: '{}'}}
+""")
+    caplog.set_level(logging.WARNING)
+    _, answer = await exchange(stub, request_headers(end_of_stream=True), response_headers(content_type="text/event-stream"))
+    assert answer.immediate_response.status.code == 500
+    assert "cannot replace the response body: the chain did not ask Envoy for it" in caplog.text
+
+
+async def test_a_streamed_response_loses_its_content_length_and_keeps_its_other_headers(start_sidecar):
+    _, stub = await start_sidecar("plugins: [{name: content_filter, stage: post_request, config: {banned_patterns: [x]}}]")
+    _, answer = await exchange(
+        stub, request_headers(end_of_stream=True), response_headers(content_type="text/event-stream", content_length="999"),
+    )
+    mutation = answer.response_headers.response.header_mutation
+    assert list(mutation.remove_headers) == ["content-length"]
+    assert answer.mode_override.response_body_mode == Mode.STREAMED
+
+
+async def test_after_an_answer_for_an_unknown_chain_nothing_more_is_taken(start_sidecar):
+    _, stub = await start_sidecar(PROTOCOL_CHAINS)
+    [answer], refused = await until_refused(stub, request_headers(), request_body(BANNED), metadata=chain("no-such-chain"))
+    assert answer.immediate_response.status.code == 500
+    assert refused.code() == FAILED_PRECONDITION
+    assert refused.details() == "unexpected request_body: the exchange is over: nothing more was asked for"

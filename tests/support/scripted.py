@@ -1,6 +1,8 @@
 """A plugin whose behaviour each chain entry scripts, so engine tests can stage any situation.
 
-Every execution appends (event, plugin id) to the list in ``exchange.metadata["events"]``.
+Every execution appends (event, plugin id) to the list in ``exchange.metadata["events"]``. The
+sidecar tests load this module too (``--plugins tests/support/scripted.py``) to stage what a
+custom plugin might try, framing headers and bodies included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ class ScriptedConfig(PluginConfig):
     sleep: float = 0.0
     """Seconds to wait before acting."""
     set_headers: dict[str, str] = {}
+    remove_headers: list[str] = []
+    response_headers: dict[str, str] = {}
+    """Set on the client's response with ``set_response_header``."""
+    set_body: str | None = None
+    """Replace the body of the stage's message with this text."""
     reject_status: int | None = None
+    reject_headers: dict[str, str] = {}
     fail: str | None = None
     """Raise RuntimeError with this message."""
     reads_body: bool = False
@@ -54,6 +62,7 @@ class Scripted(Plugin):
             request_body=self.config.reads_body and self.stage is Stage.PRE_REQUEST,
             response_body=self.config.reads_body and self.stage is Stage.POST_REQUEST,
             suspends=not self.config.never_suspends,
+            response_headers=bool(self.config.response_headers),
         )
 
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
@@ -71,9 +80,15 @@ class Scripted(Plugin):
         if self.config.fail:
             raise RuntimeError(self.config.fail)
         if self.config.reject_status:
-            raise Reject(self.config.reject_status, f"rejected by {self.id}", code="scripted")
+            raise Reject(self.config.reject_status, f"rejected by {self.id}", code="scripted", headers=self.config.reject_headers)
         for name, value in self.config.set_headers.items():
             data.set_header(name, value)
+        for name in self.config.remove_headers:
+            data.remove_header(name)
+        for name, value in self.config.response_headers.items():
+            data.set_response_header(name, value)
+        if self.config.set_body is not None:
+            data.set_body(self.config.set_body.encode())
         events.append(("end", self.id))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections import ChainMap
 from collections.abc import Mapping, MutableMapping
@@ -105,32 +106,113 @@ class BodyNotJSON(ValueError):
     """The body is absent or not valid JSON."""
 
 
+class BodyUninspectable(BodyNotJSON):
+    """The body is JSON, or claims to be, but cannot be judged safely: two parsers may read it
+    differently, or one reading of it would not be the one the upstream takes. A plugin that
+    judges bodies must refuse it (or fail), never treat it as plain text; :attr:`code` names why."""
+
+    code: ClassVar[str] = "uninspectable_body"
+    """The error code a plugin that refuses such a body answers with."""
+
+
 MAX_JSON_DEPTH = 128
 """The deepest nesting of arrays and objects a body may have to be decoded. No LLM request
 comes near it; a body beyond it is not decoded at all, so that no plugin judges a document it
 cannot fully walk while the upstream, whose parser may go deeper, reads all of it."""
 
 
-class BodyTooDeep(BodyNotJSON):
+class BodyTooDeep(BodyUninspectable):
     """The body is JSON nested deeper than :data:`MAX_JSON_DEPTH`. A plugin that judges bodies
     must refuse such a body (or fail), never treat it as plain text: the upstream may parse it."""
 
 
+class BodyDuplicateKeys(BodyUninspectable):
+    """A JSON object in the body names one key twice. Parsers disagree on which value counts
+    (Python's the last, others the first, some refuse), so no plugin may judge one reading
+    while the upstream takes another."""
+
+    code: ClassVar[str] = "duplicate_json_keys"
+
+
+class BodyNotUTF8(BodyUninspectable):
+    """The body's bytes are not UTF-8 (the only encoding JSON allows between systems, RFC 8259),
+    or its JSON escapes name a lone UTF-16 surrogate, which is no character. Readers differ on
+    what such text says (an error, U+FFFD, a guessed encoding), so it is never judged."""
+
+    code: ClassVar[str] = "invalid_utf8"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BodyDuplicateKeys(f"body is JSON with a duplicate key {key[:100]!r} in one object")
+            seen.add(key)
+    return document
+
+
+# object_pairs_hook costs about 1.5 times a plain json.loads on a 2-20 KB chat body (bench
+# numbers in the content_filter section of bench/README.md), the price of one reading only.
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+# \ud800-\udfff escapes, to look for lone surrogates only in bodies that have any.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes | str) -> Any:
-    """JSON as every plugin gets it from :meth:`HttpMessage.json`: raises :class:`BodyNotJSON`
-    when ``raw`` is not valid JSON and :class:`BodyTooDeep` when it nests too deeply."""
+    """JSON as every plugin gets it from :meth:`HttpMessage.json`, read strictly so that the
+    sidecar never judges one reading of a body while an upstream takes another.
+
+    Raises :class:`BodyNotJSON` when ``raw`` is not valid JSON (trailing bytes included), and one
+    of the :class:`BodyUninspectable` kinds when it is JSON that must not be judged:
+    :class:`BodyNotUTF8` (bytes not strict UTF-8, never guessed as UTF-16/32 nor read with
+    U+FFFD; a lone surrogate escape), :class:`BodyDuplicateKeys` (an object names a key twice,
+    at any depth) and :class:`BodyTooDeep`. A leading UTF-8 byte order mark is skipped."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BodyNotUTF8(f"body is not valid UTF-8: byte {error.start} is 0x{raw[error.start]:02x}") from None
+        if text.startswith("\ufeff"):
+            text = text[1:]
+    else:
+        text = raw
     too_deep = f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
     try:
-        document = json.loads(raw)
+        document = _STRICT_JSON.decode(text)
     except RecursionError:
         raise BodyTooDeep(too_deep) from None
-    except ValueError as error:  # UnicodeDecodeError included
+    except BodyNotJSON:
+        raise
+    except ValueError as error:
         raise BodyNotJSON(f"body is not valid JSON: {error}") from None
     # Fewer brackets than the limit cannot nest deeper than it: the usual case costs two counts.
-    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
-    if brackets > MAX_JSON_DEPTH and _nests_deeper_than(document, MAX_JSON_DEPTH):
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_deeper_than(document, MAX_JSON_DEPTH):
         raise BodyTooDeep(too_deep)
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(document):
+        raise BodyNotUTF8("body is JSON whose \\u escapes name a lone UTF-16 surrogate, which is no character")
     return document
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    # Escaped surrogate pairs (emoji from clients that escape all non-ASCII) decode to one
+    # character; only an unpaired one is left as a surrogate, which UTF-8 cannot encode.
+    pending = [document]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _nests_deeper_than(document: Any, limit: int) -> bool:
@@ -147,25 +229,70 @@ def _nests_deeper_than(document: Any, limit: int) -> bool:
     return True
 
 
+FRAMING_HEADERS = frozenset({
+    "content-length", "transfer-encoding", "host",
+    # Connection-specific (hop-by-hop) headers: HTTP/2 forbids them, HTTP/1.1 frames with them.
+    "connection", "keep-alive", "proxy-connection", "te", "upgrade",
+})
+"""Headers no plugin may set or remove, besides every pseudo-header (``:path``, ``:method``,
+``:authority``, ``:scheme``, ``:status``...) and every ``x-envoy-*`` header: they say where a
+message goes and where it ends, which is the proxy's to decide. A plugin that changes the body
+leaves ``content-length`` to the sidecar, which sets it to the new body's length."""
+
+_HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def checked_header(name: str, value: str | None = None, *, action: str = "set") -> str:
+    """``name`` in lower case, if a plugin may ``action`` (set or remove) it with ``value``;
+    raises ValueError naming the header otherwise, so that the attempt is a plugin failure."""
+    lowered = name.lower()
+    if lowered in FRAMING_HEADERS or lowered.startswith((":", "x-envoy-")):
+        raise ValueError(
+            f"cannot {action} header {lowered!r}: framing and routing headers belong to the proxy "
+            "(content-length, transfer-encoding, host, connection headers, pseudo-headers such as :path, x-envoy-*)"
+        )
+    if not lowered or not _HEADER_NAME_CHARS.issuperset(lowered):
+        raise ValueError(f"cannot {action} header {name!r}: not a valid HTTP header name")
+    if value is not None and ("\r" in value or "\n" in value or "\0" in value):
+        raise ValueError(f"cannot {action} header {lowered!r}: its value contains a line break or NUL")
+    return lowered
+
+
 class HttpMessage:
     """Headers and body of one request or response, plus what the chain changed on it.
 
     Header names are lower case (as HTTP/2 and Envoy carry them). ``body`` is ``None`` when the
     chain did not need it and Envoy did not send it. The changes are what the sidecar turns into
-    Envoy header and body mutations.
+    Envoy header and body mutations; :func:`checked_header` guards the header changes.
     """
 
-    __slots__ = ("headers", "body", "set_headers", "removed_headers", "body_replaced", "_json")
+    __slots__ = ("headers", "_body", "set_headers", "removed_headers", "body_replaced", "body_replaceable", "_json")
 
     _UNPARSED: ClassVar[object] = object()
 
     def __init__(self, headers: Mapping[str, str] | None = None, body: bytes | None = None):
         self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
-        self.body = body
+        self._body = body
         self.set_headers: dict[str, str] = {}
         self.removed_headers: set[str] = set()
         self.body_replaced = False
+        self.body_replaceable = body is not None
+        """Whether a body mutation can still reach Envoy: the body came in the phase being
+        answered. False without a body, for a message whose headers ended it (the sidecar sets
+        that), and once the sidecar answered the phase (say, the request in ``post_request``)."""
         self._json: Any = self._UNPARSED
+
+    @property
+    def body(self) -> bytes | None:
+        return self._body
+
+    @body.setter
+    def body(self, body: bytes | None) -> None:
+        """A body as it arrived (from Envoy): judged on its own bytes, never on an earlier body's
+        parsed JSON."""
+        self._body = body
+        self._json = self._UNPARSED
+        self.body_replaceable = body is not None
 
     def json(self) -> Any:
         """The body decoded as JSON, parsed once per body and shared by every plugin.
@@ -174,25 +301,36 @@ class HttpMessage:
         build a new value and call :meth:`PluginData.set_json`.
         """
         if self._json is self._UNPARSED:
-            if self.body is None:
+            if self._body is None:
                 raise BodyNotJSON("no body was received")
-            self._json = parse_json(self.body)
+            self._json = parse_json(self._body)
         return self._json
 
     def set_header(self, name: str, value: str) -> None:
-        name = name.lower()
+        name = checked_header(name, value)
         self.headers[name] = value
         self.set_headers[name] = value
         self.removed_headers.discard(name)
 
     def remove_header(self, name: str) -> None:
-        name = name.lower()
+        name = checked_header(name, action="remove")
         self.headers.pop(name, None)
         self.set_headers.pop(name, None)
         self.removed_headers.add(name)
 
+    def check_body_replaceable(self, which: str) -> None:
+        """Raise ValueError unless a new body can reach Envoy (see ``body_replaceable``)."""
+        if self.body_replaceable:
+            return
+        if self._body is None:
+            reason = "the chain did not ask Envoy for it (no plugin of the chain reads that body: reads_body, Needs)"
+        else:
+            reason = "no body phase is open for it (the headers ended the message, or the phase that carried it is answered)"
+        raise ValueError(f"cannot replace the {which} body: {reason}")
+
     def replace_body(self, body: bytes, parsed_json: Any = _UNPARSED) -> None:
-        self.body = body
+        self.check_body_replaceable("message")
+        self._body = body
         self.body_replaced = True
         self._json = parsed_json
 
@@ -213,6 +351,8 @@ class Reject(Exception):
 
     The client receives ``status`` with an OpenAI-style JSON error body
     ``{"error": {"message", "type", "code"}}`` (so LLM SDKs surface it) unless ``body`` is given.
+    ``headers`` may not hold framing headers (:data:`FRAMING_HEADERS`, pseudo-headers,
+    ``x-envoy-*``): the proxy frames the response; such a header raises ValueError.
     """
 
     _TYPES: ClassVar[dict[int, str]] = {
@@ -241,7 +381,7 @@ class Reject(Exception):
         self.message = message
         self.code = code
         self.type = type or self._TYPES.get(status, "server_error" if status >= 500 else "rejected")
-        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        self.headers: dict[str, str] = {checked_header(k, v): v for k, v in (headers or {}).items()}
         self._body = body
         self.plugin_id: str | None = None
         """Set by the engine: the plugin instance that rejected."""
@@ -399,7 +539,7 @@ class PluginData:
         return self._body if self._body is not None else self._target.body
 
     def json(self) -> Any:
-        """The body as JSON (parsed once per request); raises :class:`BodyNotJSON`."""
+        """The body as JSON (parsed once per body); raises :class:`BodyNotJSON`."""
         if self._body is None:
             return self._target.json()
         if self._json is HttpMessage._UNPARSED:
@@ -407,23 +547,38 @@ class PluginData:
         return self._json
 
     def set_header(self, name: str, value: str) -> None:
-        name = name.lower()
+        """Set a header of the stage's message. Framing headers (:data:`FRAMING_HEADERS`,
+        pseudo-headers such as ``:path``, ``x-envoy-*``) raise ValueError: a plugin failure."""
+        name = checked_header(name, value)
         self._removed_headers.discard(name)
         self._set_headers[name] = value
 
     def remove_header(self, name: str) -> None:
-        name = name.lower()
+        """Remove a header of the stage's message; framing headers raise as in :meth:`set_header`."""
+        name = checked_header(name, action="remove")
         self._set_headers.pop(name, None)
         self._removed_headers.add(name)
 
     def set_body(self, body: bytes) -> None:
+        """Replace the body of the stage's message (the sidecar sets ``content-length``). Raises
+        ValueError when that message came without a body, which no mutation could reach."""
+        self._check_body_replaceable()
         self._body = body
         self._json = HttpMessage._UNPARSED
 
     def set_json(self, value: Any) -> None:
-        """Replace the body with ``value`` encoded as compact JSON."""
+        """Replace the body with ``value`` encoded as compact JSON; raises as :meth:`set_body`."""
+        self._check_body_replaceable()
         self._body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
         self._json = value
+
+    def _check_body_replaceable(self) -> None:
+        if self.stage is Stage.POST_REQUEST:
+            if self.exchange.event is not None:
+                raise ValueError("cannot replace the response body of a stream judged event by event: use set_text() or replace_event()")
+            self._target.check_body_replaceable("response")
+        else:
+            self._target.check_body_replaceable("request")
 
     # A streamed response, in EVENTS mode (see pluginchain._api.stream).
 
@@ -470,8 +625,9 @@ class PluginData:
 
     def set_response_header(self, name: str, value: str) -> None:
         """From ``pre_request`` (with ``Needs(response_headers=True)``): a header for the client's
-        response, whatever the upstream answers. Applied with the plugin's other changes."""
-        self._response_headers[name.lower()] = value
+        response, whatever the upstream answers. Applied with the plugin's other changes.
+        Framing headers raise as in :meth:`set_header`."""
+        self._response_headers[checked_header(name, value)] = value
 
     def replace_event(self, data: str) -> None:
         """Replace the data field of the event being judged (JSON text, say), for an event that

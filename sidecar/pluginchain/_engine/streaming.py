@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pluginchain._api.plugin import BodyNotJSON, BodyTooDeep, Exchange, Reject, Stage, parse_json
+from pluginchain._api.plugin import BodyNotJSON, BodyUninspectable, Exchange, Reject, Stage, parse_json
 from pluginchain._api.stream import StreamEvent, TextChannel
 from pluginchain._engine.plan import CompiledChain
 from pluginchain._engine.usage import is_usage_chunk, usage_of
@@ -298,9 +298,10 @@ class ResponseStream:
         if event.data != _DONE:
             try:
                 document = parse_json(event.data)
-            except BodyTooDeep:
-                # Not text either: its escapes would hide what it says from every plugin.
-                raise StreamUnreadable("a stream event nests JSON deeper than plugins read") from None
+            except BodyUninspectable as error:
+                # Not text either: its escapes (or the reading a client's parser takes of a
+                # duplicate key) would hide what it says from every plugin.
+                raise StreamUnreadable(f"a stream event cannot be judged: {error}") from None
             except BodyNotJSON:
                 document = None
         usage = usage_of(document)

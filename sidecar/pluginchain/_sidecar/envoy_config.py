@@ -18,6 +18,13 @@ UPSTREAM_CLUSTER = "llm_upstream"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
+CONNECTION_HEADERS_REGEX = "transfer-encoding|connection|keep-alive|proxy-connection|te|upgrade"
+"""Header names the sidecar may never set or remove, whole-name match: Envoy's own rules
+(``disallow_system``) cover pseudo-headers and ``host`` only, and a ``transfer-encoding`` next to
+a ``content-length`` is a request-smuggling primitive. ``content-length`` is not among them: the
+sidecar sets it when it replaces a body, and the plugin API refuses it to plugins."""
+
+
 
 @dataclass(frozen=True)
 class EnvoySettings:
@@ -77,6 +84,7 @@ def render(settings: EnvoySettings) -> dict:
             "response_trailer_mode": "SKIP",
         },
         "request_attributes": [SOURCE_ADDRESS_ATTRIBUTE],
+        "mutation_rules": _mutation_rules(),
     }
     connection_manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -128,6 +136,18 @@ def render(settings: EnvoySettings) -> dict:
     return {
         "admin": {"address": _socket(settings.admin_host, settings.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": [sidecar_cluster, upstream_cluster]},
+    }
+
+
+def _mutation_rules() -> dict:
+    """What the proxy refuses of the sidecar's header mutations, whatever a plugin managed to ask."""
+    return {
+        # Pseudo-headers (:path, :method, :authority, :scheme, :status) and host.
+        "disallow_system": True,
+        "disallow_expression": {"regex": CONNECTION_HEADERS_REGEX},
+        # x-envoy-* are refused already (allow_envoy is false). A refused mutation fails the
+        # request (a 500 from Envoy) instead of letting it pass without the mutation.
+        "disallow_is_error": True,
     }
 
 

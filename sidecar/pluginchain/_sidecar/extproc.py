@@ -4,6 +4,13 @@ Envoy opens one ``Process`` stream per HTTP request and sends the phases its pro
 asks for; we answer each with mutations or an ImmediateResponse. The first answer (to the request
 headers) carries a ``mode_override`` so Envoy sends bodies and response phases only when the
 selected chain needs them (the filter runs with ``allow_mode_override: true``).
+
+Each stream follows that order and nothing else: a phase that comes twice, out of order, or that
+the mode did not ask for (what a confused or hostile client of the gRPC port might send) ends the
+stream with a gRPC error (FAILED_PRECONDITION, or INVALID_ARGUMENT for a malformed message) and
+one log line; it is never judged, so never answered "continue". Each body is judged on its own
+bytes. The framing of what goes on (``content-length`` after a body is replaced, none on a
+streamed response) is set here, never by plugins.
 """
 
 from __future__ import annotations
@@ -41,10 +48,34 @@ SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
 
-_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+class ProtocolViolation(Exception):
+    """A message the stream's state does not allow; the stream ends with ``code`` and this text."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class _Expecting:
+    """The phases a stream may receive next, and how to say where it stands."""
+
+    kinds: frozenset[str]
+    state: str
+
+
+_REQUEST_HEADERS = _Expecting(frozenset({"request_headers"}), "a stream starts with the request headers")
+_REQUEST_BODY = _Expecting(
+    # Response headers come instead when Envoy answered the request itself before its body came.
+    frozenset({"request_body", "response_headers"}), "the request body is awaited",
+)
+_REQUEST_BODY_NO_RESPONSE = _Expecting(frozenset({"request_body"}), "the request body is awaited")
+_RESPONSE_HEADERS = _Expecting(frozenset({"response_headers"}), "the request was answered; the response headers are awaited")
+_RESPONSE_BODY = _Expecting(frozenset({"response_body"}), "the response body is awaited")
+_NOTHING = _Expecting(frozenset(), "the exchange is over: nothing more was asked for")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +106,21 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         chain_name = _chain_name(context)
         with self._plans.use() as plan:
             chain = plan.get(chain_name)
-            stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
+            stream: _Stream | _UnknownChainStream
+            if chain is None:
+                stream = _UnknownChainStream(chain_name)
+            else:
+                stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
             try:
                 async for request in request_iterator:
                     yield await stream.answer(request)
+            except ProtocolViolation as violation:
+                stream.outcome = "error"
+                logger.warning(
+                    "ext_proc stream refused with %s: %s", violation.code.name, violation,
+                    extra={"chain": chain_name, "request_id": stream.exchange.request_id},
+                )
+                await context.abort(violation.code, str(violation))
             except BaseException:
                 # Envoy may reset a stream once it has every answer it needs; only a stream cut
                 # before its decision is a cancelled request.
@@ -87,8 +129,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 raise
             finally:
                 self._request_counter(chain_name, stream.outcome, stream.status_class).inc()
-                if chain is not None:
-                    self._after(plan, chain, stream)
+                if isinstance(stream, _Stream):
+                    self._after(plan, stream.chain, stream)
 
     def _request_counter(self, chain_name: str, outcome: str, status_class: str):
         # Bound once per label set: a labels() lookup takes a lock on every request.
@@ -126,9 +168,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
 
-    def _mode_for(self, chain: CompiledChain | None) -> _Mode | None:
-        if chain is None:
-            return None
+    def _mode_for(self, chain: CompiledChain) -> _Mode:
         mode = self._modes.get(chain)
         if mode is None:
             phases = chain.phases
@@ -143,9 +183,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self._modes[chain] = mode
         return mode
 
-    def _streamed_mode_for(self, chain: CompiledChain | None) -> _Mode | None:
+    def _streamed_mode_for(self, chain: CompiledChain) -> _Mode | None:
         """The override that switches a streamed response's body to STREAMED."""
-        if chain is None or not chain.phases.response_body:
+        if not chain.phases.response_body:
             return None
         mode = self._streamed_modes.get(chain)
         if mode is None:
@@ -156,49 +196,30 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         return mode
 
 
-class _Stream:
-    """The state of one HTTP request's exchange with Envoy."""
+class _Exchanging:
+    """What every stream keeps: the exchange, how it ended, and the phases it may receive next."""
 
-    __slots__ = (
-        "chain", "chain_name", "mode", "limits", "exchange", "outcome", "decided", "streamed_mode", "response_stream",
-        "started", "sent_upstream", "hide_usage", "status_class",
-    )
+    __slots__ = ("chain_name", "exchange", "outcome", "decided", "started", "status_class", "expecting")
 
-    def __init__(self, chain: CompiledChain | None, chain_name: str, mode: _Mode | None, limits: Limits, streamed_mode: _Mode | None):
-        self.chain = chain
+    def __init__(self, chain_name: str):
         self.chain_name = chain_name
-        self.mode = mode
-        self.limits = limits
-        self.streamed_mode = streamed_mode
-        self.response_stream: ResponseStream | None = None
-        self.started = 0.0
-        """perf_counter() when the request headers arrived: 0 until then."""
-        self.sent_upstream = 0.0
-        """perf_counter() when the request went on upstream."""
-        self.hide_usage = False
-        """The sidecar asked a stream for usage the client did not ask for: hide it."""
-        self.status_class = "none"
-        """The response's status class (2xx...) as the client gets it; none without a response."""
         self.exchange = Exchange()
         self.outcome = "allow"
         self.decided = False
         """Whether the request's fate is sealed: rejected, or through every stage it runs."""
+        self.started = 0.0
+        """perf_counter() when the request headers arrived: 0 until then."""
+        self.status_class = "none"
+        """The response's status class (2xx...) as the client gets it; none without a response."""
+        self.expecting = _REQUEST_HEADERS
 
-    async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        kind = request.WhichOneof("request")
-        if kind == "request_headers":
-            return await self._request_headers(request)
-        if kind == "request_body":
-            return await self._request_body(request.request_body)
-        if kind == "response_headers":
-            return await self._response_headers(request.response_headers)
-        if kind == "response_body":
-            return await self._response_body(request.response_body)
-        if kind == "request_trailers":
-            return _CONTINUE_REQUEST_TRAILERS
-        return _CONTINUE_RESPONSE_TRAILERS
+    def _check_phase(self, kind: str | None) -> None:
+        if kind not in self.expecting.kinds:
+            if kind is None:
+                raise ProtocolViolation(grpc.StatusCode.INVALID_ARGUMENT, "ext_proc message carries no phase")
+            raise ProtocolViolation(grpc.StatusCode.FAILED_PRECONDITION, f"unexpected {kind}: {self.expecting.state}")
 
-    async def _request_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    def _receive_request_headers(self, request: pb.ProcessingRequest) -> pb.HttpHeaders:
         headers = request.request_headers
         exchange = self.exchange
         self.started = time.perf_counter()
@@ -206,14 +227,78 @@ class _Stream:
         exchange.request = HttpMessage(_header_dict(headers.headers))
         exchange.request_id = exchange.request.headers.get("x-request-id", "")
         exchange.client_address = _client_address(request)
-        if self.chain is None:
-            logger.error(
-                "no chain named %r in the serving plan; answering 500", self.chain_name,
-                extra={"chain": self.chain_name, "request_id": exchange.request_id},
-            )
-            self.outcome = "error"
-            message = f"gateway misconfigured: unknown plugin chain {self.chain_name!r}"
-            return self._immediate(Reject(500, message, code="unknown_chain", type="server_error"))
+        return headers
+
+    def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
+        self.decided = True
+        self.expecting = _NOTHING
+        self.exchange.rejection = rejection
+        self.status_class = f"{rejection.status // 100}xx"
+        headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
+        immediate = pb.ImmediateResponse(
+            status={"code": rejection.status},
+            headers=headers,
+            body=rejection.body,
+            details=f"pluginchain_{rejection.code or 'rejected'}",
+        )
+        return pb.ProcessingResponse(immediate_response=immediate)
+
+
+class _UnknownChainStream(_Exchanging):
+    """A request for a chain the serving plan does not have: a 500 at its headers, nothing after."""
+
+    __slots__ = ()
+
+    async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        self._check_phase(request.WhichOneof("request"))
+        self._receive_request_headers(request)
+        logger.error(
+            "no chain named %r in the serving plan; answering 500", self.chain_name,
+            extra={"chain": self.chain_name, "request_id": self.exchange.request_id},
+        )
+        self.outcome = "error"
+        message = f"gateway misconfigured: unknown plugin chain {self.chain_name!r}"
+        return self._immediate(Reject(500, message, code="unknown_chain", type="server_error"))
+
+
+class _Stream(_Exchanging):
+    """The state of one HTTP request's exchange with Envoy, for a chain of the serving plan."""
+
+    __slots__ = ("chain", "mode", "limits", "streamed_mode", "response_stream", "sent_upstream", "hide_usage")
+
+    def __init__(self, chain: CompiledChain, chain_name: str, mode: _Mode, limits: Limits, streamed_mode: _Mode | None):
+        super().__init__(chain_name)
+        self.chain = chain
+        self.mode = mode
+        self.limits = limits
+        self.streamed_mode = streamed_mode
+        self.response_stream: ResponseStream | None = None
+        self.sent_upstream = 0.0
+        """perf_counter() when the request went on upstream."""
+        self.hide_usage = False
+        """The sidecar asked a stream for usage the client did not ask for: hide it."""
+
+    async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        kind = request.WhichOneof("request")
+        self._check_phase(kind)
+        if kind == "request_headers":
+            return await self._request_headers(request)
+        if kind == "request_body":
+            return await self._request_body(request.request_body)
+        if kind == "response_headers":
+            return await self._response_headers(request.response_headers)
+        return await self._response_body(request.response_body)
+
+    def _request_passed(self, answer: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        """The request goes on upstream with ``answer``: no later body mutation can reach it."""
+        self.exchange.request.body_replaceable = False
+        self.expecting = _RESPONSE_HEADERS if self.chain.phases.response_headers else _NOTHING
+        self.sent_upstream = time.perf_counter()
+        return answer
+
+    async def _request_headers(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        headers = self._receive_request_headers(request)
+        exchange = self.exchange
         if self.chain.phases.response_body:
             # The upstream must answer in a coding the chain can read: a brotli or zstd
             # completion would otherwise be refused unread (fail closed) instead of checked.
@@ -221,28 +306,30 @@ class _Stream:
             if accept_encoding is not None:
                 exchange.request.set_header("accept-encoding", accept_encoding)
         if self.chain.phases.request_body and not headers.end_of_stream:
+            # The chain runs on the body; what it sets (accept-encoding included) goes with that answer.
+            self.expecting = _REQUEST_BODY if self.chain.phases.response_headers else _REQUEST_BODY_NO_RESPONSE
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=self.mode)
         if headers.end_of_stream:
             exchange.request.body = b""
+            exchange.request.body_replaceable = False  # no body phase follows to carry a new one
         rejection = await self._run(Stage.PRE_REQUEST)
         if rejection is not None:
             return self._immediate(rejection)
         common = _common_response(exchange.request, body_phase=False)
-        self.sent_upstream = time.perf_counter()
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.mode)
+        return self._request_passed(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.mode))
 
     async def _request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        _check_whole(body, "request")
         if len(body.body) > self.limits.max_body_bytes:
             return self._too_large("request")
         self.exchange.request.body = body.body
         rejection = await self._run(Stage.PRE_REQUEST)
         if rejection is not None:
             return self._immediate(rejection)
-        assert self.chain is not None
         if self.chain.needs_usage:
             self._ask_for_stream_usage()
-        self.sent_upstream = time.perf_counter()
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=_common_response(self.exchange.request, body_phase=True)))
+        common = _common_response(self.exchange.request, body_phase=True)
+        return self._request_passed(pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)))
 
     def _ask_for_stream_usage(self) -> None:
         request = self.exchange.request
@@ -255,7 +342,8 @@ class _Stream:
             self.hide_usage = True
 
     async def _response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
-        assert self.chain is not None
+        self.exchange.request.body_replaceable = False
+        self.expecting = _NOTHING
         response = self.exchange.response = HttpMessage(_header_dict(headers.headers))
         if self.sent_upstream:
             UPSTREAM_LATENCY.labels(self.chain_name).observe(time.perf_counter() - self.sent_upstream)
@@ -264,20 +352,20 @@ class _Stream:
             response.set_header(name, value)
         if self.chain.phases.response_body and not headers.end_of_stream:
             if _is_readable_event_stream(response.headers):
-                return await self._start_stream()
+                return await self._start_stream(response)
+            self.expecting = _RESPONSE_BODY
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(response, body_phase=False)))
         if headers.end_of_stream:
-            self.exchange.response.body = b""
-        rejection = await self._post_request()
+            response.body = b""
+            response.body_replaceable = False  # no body phase follows to carry a new one
+        rejection = await self._post_request(response)
         if rejection is not None:
             return self._immediate(rejection)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(self.exchange.response, body_phase=False)))
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common_response(response, body_phase=False)))
 
-    async def _start_stream(self) -> pb.ProcessingResponse:
+    async def _start_stream(self, response: HttpMessage) -> pb.ProcessingResponse:
         """A streamed response: post_request plugins that read no body run now, on its headers;
         the body comes chunk by chunk (STREAMED) to a :class:`ResponseStream`."""
-        assert self.chain is not None and self.exchange.response is not None
-        response = self.exchange.response
         status = response.headers.get(":status", "")
         if status.startswith("5"):
             failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
@@ -289,17 +377,20 @@ class _Stream:
             return self._immediate(rejection)
         self.decided = False  # until the stream has passed every plugin
         # Plugins may change the body's length; the client learns it from the chunked framing.
-        response.remove_header("content-length")
+        response.headers.pop("content-length", None)
         limit = self.limits.max_body_bytes
         self.response_stream = ResponseStream(
             self.chain, self.exchange, max_event_bytes=limit, max_buffer_bytes=limit, hide_usage=self.hide_usage,
         )
-        common = _common_response(response, body_phase=False)
+        self.expecting = _RESPONSE_BODY
+        common = _common_response(response, body_phase=False, drop_content_length=True)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common), mode_override=self.streamed_mode)
 
     async def _stream_chunk(self, stream: ResponseStream, body: pb.HttpBody) -> pb.ProcessingResponse:
         chunk = body.body
         had_text = stream.sent_text
+        if body.end_of_stream:
+            self.expecting = _NOTHING
         output = await stream.feed(chunk, body.end_of_stream)
         if stream.sent_text and not had_text:
             TIME_TO_FIRST_TOKEN.labels(self.chain_name).observe(time.perf_counter() - self.started)
@@ -314,22 +405,27 @@ class _Stream:
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
 
     async def _response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
-        assert self.exchange.response is not None
         if self.response_stream is not None:
             return await self._stream_chunk(self.response_stream, body)
+        _check_whole(body, "response")
+        self.expecting = _NOTHING
+        response = self.exchange.response
+        if response is None:  # expected only after the response headers made it: never so
+            raise ProtocolViolation(grpc.StatusCode.FAILED_PRECONDITION, "unexpected response_body: no response headers came")
         if len(body.body) > self.limits.max_body_bytes:
             return self._too_large("response")
-        self.exchange.response.body = body.body
-        rejection = await self._post_request()
+        response.body = body.body
+        rejection = await self._post_request(response)
         if rejection is not None:
             return self._immediate(rejection)
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=_common_response(self.exchange.response, body_phase=True)))
+        common = _common_response(response, body_phase=True)
+        response.body_replaceable = False
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
 
-    async def _post_request(self) -> Reject | None:
-        assert self.chain is not None and self.exchange.response is not None
-        if self.exchange.response.body:
-            self.exchange.usage = _usage_of_response(self.exchange.response)
-        status = self.exchange.response.headers.get(":status", "")
+    async def _post_request(self, response: HttpMessage) -> Reject | None:
+        if response.body:
+            self.exchange.usage = _usage_of_response(response)
+        status = response.headers.get(":status", "")
         if status.startswith("5"):
             failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
             replacement = await self.chain.run_error_stage(self.exchange, failure)
@@ -338,7 +434,6 @@ class _Stream:
         return await self._run(Stage.POST_REQUEST)
 
     async def _run(self, stage: Stage, groups: tuple[Group, ...] | None = None) -> Reject | None:
-        assert self.chain is not None
         result = await self.chain.run_stage(stage, self.exchange, groups)
         if result.rejection is not None:
             self.outcome = "error" if result.rejection.plugin_id is None else "reject"
@@ -349,19 +444,6 @@ class _Stream:
         self.outcome = "reject"
         message = f"{which} body exceeds the gateway limit of {self.limits.max_body_bytes} bytes"
         return self._immediate(Reject(413, message, code="body_too_large"))
-
-    def _immediate(self, rejection: Reject) -> pb.ProcessingResponse:
-        self.decided = True
-        self.exchange.rejection = rejection
-        self.status_class = f"{rejection.status // 100}xx"
-        headers = pb.HeaderMutation(set_headers=[_header_option(k, v) for k, v in rejection.response_headers().items()])
-        immediate = pb.ImmediateResponse(
-            status={"code": rejection.status},
-            headers=headers,
-            body=rejection.body,
-            details=f"pluginchain_{rejection.code or 'rejected'}",
-        )
-        return pb.ProcessingResponse(immediate_response=immediate)
 
 
 _MODEL_LABELS: set[str] = set()
@@ -394,6 +476,15 @@ def _usage_of_response(response: HttpMessage) -> Usage | None:
         return usage_of_body(inflate(response.body or b"", coding))
     except UnreadableBody:
         return None
+
+
+def _check_whole(body: pb.HttpBody, which: str) -> None:
+    """A BUFFERED body comes whole, in one message; a part would be judged as if it were all."""
+    if not body.end_of_stream:
+        raise ProtocolViolation(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{which} body message without end_of_stream in BUFFERED mode: a body is judged whole, never in parts",
+        )
 
 
 def _is_readable_event_stream(headers: dict[str, str]) -> bool:
@@ -439,18 +530,26 @@ def _header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def _common_response(message: HttpMessage, *, body_phase: bool) -> pb.CommonResponse | None:
-    """The mutations the chain made to ``message``; None when it made none."""
-    if not message.set_headers and not message.removed_headers and not message.body_replaced:
+def _common_response(message: HttpMessage, *, body_phase: bool, drop_content_length: bool = False) -> pb.CommonResponse | None:
+    """The mutations the chain made to ``message``, with the framing they need; None when none.
+
+    ``content-length`` is the sidecar's alone (plugins cannot touch it): the new body's length
+    when the body was replaced (Envoy refuses a body whose length disagrees with it), or removed
+    with ``drop_content_length`` (a stream whose plugins may change its length).
+    """
+    if not message.set_headers and not message.removed_headers and not message.body_replaced and not drop_content_length:
         return None
     set_headers = dict(message.set_headers)
+    removed_headers = sorted(message.removed_headers)
     common = pb.CommonResponse()
     if message.body_replaced and body_phase:
         set_headers["content-length"] = str(len(message.body or b""))
         common.body_mutation.body = message.body or b""
-    if set_headers or message.removed_headers:
+    if drop_content_length:
+        removed_headers.append("content-length")
+    if set_headers or removed_headers:
         common.header_mutation.CopyFrom(pb.HeaderMutation(
             set_headers=[_header_option(k, v) for k, v in set_headers.items()],
-            remove_headers=sorted(message.removed_headers),
+            remove_headers=removed_headers,
         ))
     return common

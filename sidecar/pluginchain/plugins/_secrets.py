@@ -1,4 +1,15 @@
-"""Files from a mounted Secret, read on first use and re-read whenever they change.
+"""Secrets: the files that hold them, and the names under which requests carry them.
+
+**Credential names** (:func:`is_credential_name`, :func:`without_credential_parameters`): which
+headers and query parameters a plugin never hands to a third party unless told to. A name is a
+credential's when, lower-cased and cut at ``-``, ``_`` and ``.``, one of its parts is in
+:data:`CREDENTIAL_NAME_PARTS`: ``authorization``, ``proxy-authorization``, ``cookie``,
+``set-cookie``, ``api-key``, ``x-api-key``, ``x-goog-api-key``, ``ocp-apim-subscription-key``,
+``x-amz-security-token``, ``x-auth-token``; ``key``, ``api_key``, ``apikey``, ``token``,
+``access_token``, ``sig``, ``signature``, ``X-Amz-Signature``, ``X-Amz-Credential``,
+``client_secret``. Whole parts, so ``max_tokens`` or ``x-ratelimit-remaining-tokens`` are not.
+
+**Secret files** come from a mounted Secret, read on first use and re-read whenever they change.
 
 Kubernetes rotates a mounted Secret by swapping a symlink to a new file, and an operator may
 replace a file by hand; so the file's identity (device, inode, size, modification and change
@@ -21,11 +32,42 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Generic, TypeVar
+from urllib.parse import unquote_plus
 
 T = TypeVar("T")
+
+CREDENTIAL_NAME_PARTS = frozenset({
+    "auth", "authorization", "authentication", "cookie", "key", "apikey", "token", "jwt",
+    "secret", "password", "passwd", "credential", "credentials", "signature", "sig",
+})
+"""Parts of a header or query parameter name that make it a credential's (see the module doc)."""
+
+_NAME_SEPARATORS = re.compile(r"[-_.]")
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a header or query parameter named ``name`` may carry a credential (any case)."""
+    return not CREDENTIAL_NAME_PARTS.isdisjoint(_NAME_SEPARATORS.split(name.lower()))
+
+
+def without_credential_parameters(value: str, keep: Collection[str] = ()) -> str:
+    """``value`` (a path or URL, as ``:path`` or ``referer`` carry one) without the query
+    parameters whose names are credentials' (:func:`is_credential_name`) unless ``keep`` (lower
+    case) names them. The rest is left byte for byte, in order; anything without a query as is."""
+    base, question, rest = value.partition("?")
+    if not question:
+        return value
+    query, hash_sign, fragment = rest.partition("#")
+    kept = []
+    for parameter in query.split("&"):
+        name = unquote_plus(parameter.partition("=")[0]).lower()
+        if name in keep or not is_credential_name(name):
+            kept.append(parameter)
+    return base + ("?" + "&".join(kept) if kept else "") + hash_sign + fragment
 
 
 class SecretFileProblem(ValueError):

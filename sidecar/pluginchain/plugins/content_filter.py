@@ -4,38 +4,68 @@ In ``pre_request`` it judges the prompt, in ``post_request`` the completion (str
 Patterns are user input run against client input, so they run under RE2, in time linear in the
 text whatever the pattern (no ReDoS), compiled once per plan into one alternation.
 
-What is matched is the text the model sees, not the bytes on the wire:
+What is judged is the text the model reads, not the bytes on the wire, and no body is let
+through that the filter could read one way while the upstream reads it another:
 
-- a JSON body is decoded first, so ``"\\u0062anned"`` is ``banned``; its text fields are those
-  :mod:`pluginchain.plugins._llm_text` names (every string but identifiers, enumerations and
-  base64 payloads);
-- each text is brought to a canonical form first: Unicode NFKC (full-width ``ｂａｎｎｅｄ`` and
-  other compatibility characters become ``banned``), Unicode tag characters (invisible "ASCII
-  smuggling") become the ASCII they mirror, and other invisible format characters (zero-width
-  spaces, bidi controls, soft hyphens) are dropped. Patterns are therefore written in that form
-  (a pattern that is not NFKC is a config error). Homoglyphs of other scripts are not folded;
-- a word split over several fields of one text stream (the deltas of a streamed choice, the
-  parts or messages of a prompt) is found in their joined text, besides in each field alone;
+- a JSON body is decoded first, so ``"\\u0062anned"`` is ``banned``, and read strictly
+  (:func:`pluginchain.parse_json`): a prompt whose JSON has a key twice in one object (code
+  ``duplicate_json_keys``), is not UTF-8 or escapes a lone surrogate (``invalid_utf8``), nests
+  deeper than :data:`pluginchain.MAX_JSON_DEPTH` (``uninspectable_body``), or is declared or
+  looks like JSON (``application/json``, ``*/*+json``, first byte ``{`` or ``[``) without
+  parsing, say with bytes after the document (``uninspectable_body``), is refused with 400,
+  never read as plain text;
+- its text fields are those :mod:`pluginchain.plugins._llm_text` names: every string and every
+  object key but identifiers, enumerations, the API's own field names, and binary payloads that
+  are what they claim (a real PNG in a ``data:image/png;base64`` URL is skipped; a ``data:``
+  URL or a ``data`` field whose payload is text, or not the media type it claims, is judged as
+  written and decoded);
+- each text is brought to a canonical form first (:mod:`pluginchain.plugins._unicode`):
+  Unicode tag characters (invisible "ASCII smuggling") become the ASCII they mirror, every other
+  default-ignorable code point (zero-width spaces, U+034F, variation selectors, Hangul fillers,
+  soft hyphens, bidi controls) and format character is dropped, then NFKC (full-width
+  ``ｂａｎｎｅｄ`` is ``banned``). Patterns are therefore written in that form (a pattern that
+  is not NFKC is a config error);
+- with ``match: skeleton`` the canonical text is further folded to its Unicode TR39 skeleton
+  (Cyrillic and Greek look-alikes, dotless ``ı``, ``rn`` for ``m``, ``0`` as ``O``), combining
+  and enclosing marks dropped, lower-cased first unless ``case_sensitive``. The literal
+  characters of each pattern are folded the same way, so patterns are still written naturally;
+  escapes and character classes are kept as written and match against the skeleton;
+- with ``flexible_whitespace: true`` each run of literal spaces in a pattern matches any run of
+  whitespace in the text, including none (invisibles used as spaces are already dropped);
+- a word split over several fields of one text stream is found in their joined text, besides in
+  each field alone: all text of a request's conversation (``messages``, ``input``, ``prompt``,
+  ``instructions``, ``system``) in document order whatever the shape of each message, joined
+  both directly and with a space between fields; the deltas of a streamed choice; the fields of
+  one path elsewhere;
 - an event-stream response buffered whole is read ``data:`` event by ``data:`` event (``[DONE]``
   skipped); a streamed one is judged event by event as it passes (see below);
 - a gzip or deflate body is inflated first (and deflated again after redaction); a body in
   another content-encoding cannot be inspected and is never let through unread (the sidecar asks
   upstreams for readable codings only, see :mod:`pluginchain.plugins._content_coding`);
-- any other body is matched as UTF-8 text (undecodable bytes read as U+FFFD).
+- any other body is matched as text: a prompt must be UTF-8 (else 400 ``invalid_utf8``) unless
+  its content type declares a binary format (``multipart/form-data``, ``audio/*``...), which is
+  read with undecodable bytes as U+FFFD, as is a completion.
+
+Not judged: text drawn in an image or spoken in audio; the contents of a binary payload beyond
+its signature; API identifiers and enumerations (``model``, ``role``, ``type``...); a
+multipart body's parts as anything but raw text.
 
 ``action: reject`` answers ``status_code`` with an OpenAI-style error, code ``content_filtered``,
 without echoing what matched. ``action: redact`` replaces each match with ``mask``: a redacted
-text field is rewritten in its canonical form, the other fields and a body without a match are
-left exactly as they were.
+text field is rewritten in its canonical form (the mask covers the original characters a
+skeleton match came from), the other fields and a body without a match are left exactly as
+they were. A match in an object key or in a decoded payload is rejected even when redacting:
+renaming a key or re-encoding a payload would change the request's structure, not its text.
 
 On a streamed completion (EVENTS mode) the filter judges each channel's text not yet sent (a
 choice's content, a tool call's arguments), so a match split over events is found, and keeps
 back only what could still become part of a match: for patterns whose longest match is bounded
-(read from the pattern), one character less than that; for unbounded ones (``a+``, ``.*``),
-``stream_window`` characters. Everything before that leaves at once. ``reject`` ends the stream
-with an error event before any part of a match has left; ``redact`` masks a match once it can no
-longer grow. Events without deltas (a Responses API ``*.done`` event repeating the whole text)
-are judged as whole documents.
+(read from the pattern in its matching form), one character less than that; for unbounded ones
+(``a+``, ``.*``, any pattern with ``flexible_whitespace`` spaces), ``stream_window``
+characters. Everything before that leaves at once. ``reject`` ends the stream with an error
+event before any part of a match has left; ``redact`` masks a match once it can no longer
+grow. Events without deltas (a Responses API ``*.done`` event repeating the whole text) are
+judged as whole documents.
 """
 
 from __future__ import annotations
@@ -43,7 +73,7 @@ from __future__ import annotations
 import json
 import re._parser as python_regex_parser  # type: ignore[import-not-found]  # widths of patterns; RE2 exposes none
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import re2
@@ -51,7 +81,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pluginchain._api.plugin import (
     BodyNotJSON,
-    BodyTooDeep,
+    BodyNotUTF8,
+    BodyUninspectable,
     InstanceSettings,
     Needs,
     Plugin,
@@ -65,13 +96,18 @@ from pluginchain._api.plugin import (
 from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
 from pluginchain.plugins._content_coding import UnreadableBody, deflate, inflate
 from pluginchain.plugins._llm_text import (
+    CONVERSATION,
     EventStream,
     Group,
+    Path,
     TextField,
+    declares_binary,
+    declares_or_looks_like_json,
     is_event_stream,
     replace_text_fields,
     text_fields,
 )
+from pluginchain.plugins._unicode import Skeleton, canonical_text, inline_case_flag, pattern_in_form
 
 
 def re2_options(case_sensitive: bool = True) -> re2.Options:
@@ -113,9 +149,22 @@ class ContentFilterConfig(PluginConfig):
     matches any of them is banned. No backreferences or lookarounds: RE2 guarantees linear time."""
     case_sensitive: bool = False
     """Whether letter case must match (default false: ``banned`` also bans ``BANNED``)."""
+    match: Literal["canonical", "skeleton"] = "canonical"
+    """What the patterns are matched against: ``canonical`` (default) text, NFKC with invisible
+    characters removed; or ``skeleton``, that text with look-alike characters of any script
+    folded to one prototype (Unicode TR39) and accents dropped, so ``іgnоrе`` in Cyrillic letters
+    or ``ignórè`` is ``ignore``. The literal characters of the patterns are folded the same way;
+    escapes and character classes are matched against the skeleton as written. Costs about
+    2-4 times the default's matching time (bench/README.md)."""
+    flexible_whitespace: bool = False
+    """Whether a literal space in a pattern matches any run of whitespace (spaces of any width,
+    tabs, line breaks), or none, since invisible characters used as spaces are removed (default
+    false: a space matches one space). Makes a pattern's longest match unbounded, so a stream is
+    held back by ``stream_window``."""
     action: Literal["reject", "redact"] = "reject"
     """``reject`` (default) answers the client with an error instead of passing the message on;
-    ``redact`` replaces every match with ``mask`` and passes the message on."""
+    ``redact`` replaces every match with ``mask`` and passes the message on (a match in an
+    object key or a decoded payload is rejected all the same)."""
     status_code: int = Field(default=403, ge=400, le=599)
     """HTTP status of a rejection, 400..599 (default 403)."""
     mask: str = "[REDACTED]"
@@ -137,8 +186,23 @@ class ContentFilterConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _patterns_compile_together(self) -> ContentFilterConfig:
+        for number, pattern in enumerate(self.banned_patterns):
+            if self.match == "skeleton" and self.case_sensitive and inline_case_flag(pattern):
+                raise ValueError(
+                    f"banned_patterns[{number}]: with match: skeleton an inline (?i) flag does not fold capitals "
+                    "(capital I has the skeleton l): set case_sensitive: false instead"
+                )
+        forms = matching_forms(self)
+        for number, form in enumerate(forms):
+            try:
+                compiled = re2.compile(form, re2_options(self.case_sensitive))
+            except re2.error as error:
+                reason = _re2_error_reason(error)
+                raise ValueError(f"banned_patterns[{number}]: in its {self.match} form not a valid RE2 pattern: {reason}") from None
+            if compiled.fullmatch("") is not None:
+                raise ValueError(f"banned_patterns[{number}]: with flexible_whitespace it matches the empty string")
         try:
-            compile_banned(self.banned_patterns, self.case_sensitive)
+            compile_banned(forms, self.case_sensitive)
         except re2.error as error:
             # Each pattern compiled alone, so only their sum can fail here (RE2's memory budget).
             reason = _re2_error_reason(error)
@@ -146,23 +210,18 @@ class ContentFilterConfig(PluginConfig):
         return self
 
 
+def matching_forms(config: ContentFilterConfig) -> list[str]:
+    """The patterns as they are matched: literals folded to their skeleton with ``match:
+    skeleton``, spaces made flexible with ``flexible_whitespace``."""
+    if config.match == "canonical" and not config.flexible_whitespace:
+        return list(config.banned_patterns)
+    literal = Skeleton(lower=not config.case_sensitive).literal if config.match == "skeleton" else None
+    return [pattern_in_form(pattern, literal, config.flexible_whitespace) for pattern in config.banned_patterns]
+
+
 def compile_banned(patterns: Sequence[str], case_sensitive: bool):
     """All patterns as one alternation: one linear scan per text, whatever their number."""
     return re2.compile("|".join(f"(?:{pattern})" for pattern in patterns), re2_options(case_sensitive))
-
-
-# Unicode tag characters U+E0020..U+E007E mirror printable ASCII and render invisibly, yet
-# models read them: map them back so hidden instructions are matched as what they say.
-_TAG_TO_ASCII = {code: code - 0xE0000 for code in range(0xE0020, 0xE007F)}
-_FORMAT_CHARACTERS = re2.compile(r"\p{Cf}+")
-
-
-def canonical_text(text: str) -> str:
-    """``text`` as it is matched: NFKC, tag characters as ASCII, format characters dropped."""
-    if text.isascii():
-        return text
-    text = unicodedata.normalize("NFKC", text).translate(_TAG_TO_ASCII)
-    return _FORMAT_CHARACTERS.sub("", text)
 
 
 Span = tuple[int, int, bool]
@@ -204,9 +263,11 @@ class ContentFilter(Plugin):
 
     def __init__(self, config: ContentFilterConfig, settings: InstanceSettings):
         super().__init__(config, settings)
-        self._banned = compile_banned(config.banned_patterns, config.case_sensitive)
+        forms = matching_forms(config)
+        self._banned = compile_banned(forms, config.case_sensitive)
         self._redact = config.action == "redact"
-        longest = longest_match(config.banned_patterns)
+        self._skeleton = Skeleton(lower=not config.case_sensitive) if config.match == "skeleton" else None
+        longest = longest_match(forms)
         # A match can still grow while it is shorter than the longest one: keep that much back.
         self._holdback = config.stream_window if longest is None else max(longest - 1, 0)
 
@@ -226,25 +287,32 @@ class ContentFilter(Plugin):
         body = data.body
         if not body:
             return
-        encoding = data.headers.get("content-encoding", "").strip().lower()
+        headers = data.headers
+        encoding = headers.get("content-encoding", "").strip().lower()
         compressed = encoding not in ("", "identity")
         try:
             plain = inflate(body, encoding) if compressed else body
         except UnreadableBody as error:
             raise self._uninspectable(error, 415) from None
 
+        prompt = self.stage is Stage.PRE_REQUEST
         # Only an upstream's stream is read as one: a client could label any request an event
         # stream to have it read line by line, while the upstream parses it as JSON.
-        if self.stage is Stage.POST_REQUEST and is_event_stream(data.headers, plain):
+        if not prompt and is_event_stream(headers, plain):
             new_plain = self._filter_event_stream(plain)
         else:
             try:
                 document = parse_json(plain) if compressed else data.json()
-            except BodyTooDeep as error:
-                # Not text: the upstream may decode it, escapes and all.
-                raise self._uninspectable(error, 400) from None
-            except BodyNotJSON:
-                new_plain = self._filter_text(plain)
+            except BodyUninspectable as error:
+                lenient = isinstance(error, BodyNotUTF8) and not declares_or_looks_like_json(headers, plain)
+                if not lenient or (prompt and not declares_binary(headers)):
+                    # Not text: the upstream may decode it, escapes and all, or read it another way.
+                    raise self._uninspectable(error, 400) from None
+                new_plain = self._filter_text(plain.decode("utf-8", "replace"))
+            except BodyNotJSON as error:
+                if prompt and declares_or_looks_like_json(headers, plain):
+                    raise self._uninspectable(error, 400) from None
+                new_plain = self._filter_text(plain.decode("utf-8", "replace"))
             else:
                 new_document = self._filter_document(document)
                 if new_document is None:
@@ -277,63 +345,87 @@ class ContentFilter(Plugin):
 
     def _judge_channel(self, data: PluginData, channel: TextChannel, text: str, *, closing: bool) -> None:
         canonical = canonical_text(text)
-        matches = [m.span() for m in self._banned.finditer(canonical) if m.end() > m.start()]
+        form = self._fold(canonical)
+        matches = [m.span() for m in self._banned.finditer(form) if m.end() > m.start()]
         if matches and not self._redact:
-            raise Reject(self.config.status_code, self.config.message, code="content_filtered")
+            raise self._rejection()
         # Matches that end before the held-back tail cannot grow any more: mask them now. One
         # reaching into the tail may still grow: keep it back from where it starts.
-        cut = len(canonical) if closing else len(canonical) - self._holdback
-        settled = [(start, end, True) for start, end in matches if end <= cut]
-        growing = [start for start, end in matches if end > cut]
+        cut = len(form) if closing else len(form) - self._holdback
+        settled = [span for span in matches if span[1] <= cut]
+        growing = [span for span in matches if span[1] > cut]
+        growing_starts = [start for start, _ in self._to_canonical(canonical, form, growing)]
         if settled:
-            masked = _masked(canonical, settled, self.config.mask)
-            growing = [start + len(masked) - len(canonical) for start in growing]
+            spans = [(start, end, True) for start, end in self._to_canonical(canonical, form, settled)]
+            masked = _masked(canonical, spans, self.config.mask)
+            growing_starts = [max(start + len(masked) - len(canonical), 0) for start in growing_starts]
             data.set_text(channel, masked)
             text = canonical = masked
         if closing:
             return
-        keep = len(canonical) - min(growing) if growing else self._holdback
-        data.hold(channel, _raw_chars_covering(text, canonical, keep))
+        if growing_starts:
+            keep = _raw_chars_covering(text, len(canonical) - min(growing_starts), canonical_text)
+        else:
+            keep = _raw_chars_covering(text, self._holdback, self._matching_form)
+        data.hold(channel, keep)
+
+    def _fold(self, canonical: str) -> str:
+        return canonical if self._skeleton is None else self._skeleton.fold(canonical)
+
+    def _matching_form(self, text: str) -> str:
+        return self._fold(canonical_text(text))
+
+    def _to_canonical(self, canonical: str, form: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if self._skeleton is None or not spans or form == canonical:
+            return spans
+        return self._skeleton.to_canonical(canonical, spans)
+
+    def _rejection(self) -> Reject:
+        return Reject(self.config.status_code, self.config.message, code="content_filtered")
 
     def _uninspectable(self, error: ValueError, status: int) -> Exception:
         """A body the filter cannot read is never let through unread: a prompt is refused with
-        ``status``; a response fails the plugin (``on_error`` decides)."""
+        ``status`` and the code the error names; a response fails the plugin (``on_error``
+        decides)."""
         if self.stage is Stage.PRE_REQUEST:
-            return Reject(status, f"content_filter: {error}", code="uninspectable_body", type="invalid_request_error")
+            code = error.code if isinstance(error, BodyUninspectable) else "uninspectable_body"
+            return Reject(status, f"content_filter: {error}", code=code, type="invalid_request_error")
         return error
 
     def _filter_document(self, document: Any) -> Any | None:
         """The document with banned text redacted, or ``None`` when nothing is banned."""
-        replacements = self._filter_fields(list(text_fields(document)))
-        return replace_text_fields(document, replacements) if replacements else None
+        fields = list(text_fields(document))
+        replacements = self._filter_fields(fields)
+        if not replacements:
+            return None
+        return replace_text_fields(document, [(_path(fields[number]), text) for number, text in replacements.items()])
 
-    def _filter_text(self, body: bytes) -> bytes | None:
-        replacements = self._filter_fields([TextField((), body.decode("utf-8", "replace"))])
+    def _filter_text(self, text: str) -> bytes | None:
+        replacements = self._filter_fields([TextField((), text)])
         return replacements[0].encode() if replacements else None
 
     def _filter_event_stream(self, body: bytes) -> bytes | None:
         stream = EventStream(body.decode("utf-8", "replace"))
         # All events' fields are judged together, so a word streamed over several events is found.
         fields: list[TextField] = []
-        origins: list[tuple[int, int]] = []  # per field: its event, and its number in the event
+        origins: list[int] = []  # per field: its event
         for event_number, event in enumerate(stream.data):
             event_fields = text_fields(event.document) if event.is_json else [TextField(("data",), event.payload)]
-            for field_number, field in enumerate(event_fields):
+            for field in event_fields:
                 fields.append(field)
-                origins.append((event_number, field_number))
+                origins.append(event_number)
         replacements = self._filter_fields(fields)
         if not replacements:
             return None
-        per_event: dict[int, dict[int, str]] = {}
+        per_event: dict[int, list[tuple[Path, str]]] = {}
         for number, new_text in replacements.items():
-            event_number, field_number = origins[number]
-            per_event.setdefault(event_number, {})[field_number] = new_text
+            per_event.setdefault(origins[number], []).append((_path(fields[number]), new_text))
         for event_number, event_replacements in per_event.items():
             event = stream.data[event_number]
             if event.is_json:
                 payload = _dump_json(replace_text_fields(event.document, event_replacements))
             else:
-                payload = event_replacements[0]
+                payload = event_replacements[0][1]
             stream.replace_payload(event, payload)
         return stream.text().encode()
 
@@ -343,65 +435,79 @@ class ContentFilter(Plugin):
         for number, field in enumerate(fields):
             members.setdefault(field.group, []).append(number)
         replacements: dict[int, str] = {}
-        for numbers in members.values():
-            texts = [canonical_text(fields[number].text) for number in numbers]
+        for group, numbers in members.items():
+            canonicals = [canonical_text(fields[number].text) for number in numbers]
+            forms = [self._fold(canonical) for canonical in canonicals] if self._skeleton else canonicals
+            # Messages are separate texts to a reader: a phrase may be split at their border.
+            separators = ("", " ") if group == CONVERSATION else ("",)
             if not self._redact:
-                if self._any_banned(texts):
-                    raise Reject(self.config.status_code, self.config.message, code="content_filtered")
+                if self._any_banned(forms, separators):
+                    raise self._rejection()
                 continue
-            for number, text, spans in zip(numbers, texts, self._banned_spans(texts)):
-                if spans:
-                    replacements[number] = _masked(text, spans, self.config.mask)
+            for number, canonical, form, spans in zip(numbers, canonicals, forms, self._banned_spans(forms, separators)):
+                if not spans:
+                    continue
+                if fields[number].path is None:  # a key or a decoded payload: no text to rewrite in place
+                    raise self._rejection()
+                if form is not canonical:
+                    mapped = self._to_canonical(canonical, form, [(start, end) for start, end, _ in spans])
+                    spans = [(start, end, carries) for (start, end), (_, _, carries) in zip(mapped, spans)]
+                replacements[number] = _masked(canonical, spans, self.config.mask)
         return replacements
 
-    def _any_banned(self, texts: list[str]) -> bool:
+    def _any_banned(self, texts: list[str], separators: Sequence[str]) -> bool:
         if any(self._first_match(text) for text in texts):
             return True
-        return len(texts) > 1 and self._first_match("".join(texts))
+        return len(texts) > 1 and any(self._first_match(separator.join(texts)) for separator in separators)
 
     def _first_match(self, text: str) -> bool:
         # Zero-width matches (a lone \b or ^ in an alternation) ban nothing.
         return any(match.end() > match.start() for match in self._banned.finditer(text))
 
-    def _banned_spans(self, texts: list[str]) -> list[list[Span]]:
-        """Banned spans of each text of one stream: in the text alone, and across text boundaries."""
+    def _banned_spans(self, texts: list[str], separators: Sequence[str]) -> list[list[Span]]:
+        """Banned spans of each text of one stream: in the text alone, and across text boundaries
+        (the texts joined by each of ``separators``)."""
         spans: list[list[Span]] = [
             [(m.start(), m.end(), True) for m in self._banned.finditer(text) if m.end() > m.start()]
             for text in texts
         ]
         if len(texts) < 2:
             return spans
-        starts, offset = [], 0
-        for text in texts:
-            starts.append(offset)
-            offset += len(text)
-        joined = "".join(texts)
-        index = 0
-        for match in self._banned.finditer(joined):
-            start, end = match.span()
-            if start == end:
-                continue
-            while index + 1 < len(texts) and starts[index + 1] <= start:
-                index += 1
-            piece, first = index, True
-            while start < end:
-                piece_end = min(end, starts[piece] + len(texts[piece]))
-                if piece_end > start:
-                    spans[piece].append((start - starts[piece], piece_end - starts[piece], first))
-                    first = False
-                start, piece = piece_end, piece + 1
+        for separator in separators:
+            starts, offset = [], 0
+            for text in texts:
+                starts.append(offset)
+                offset += len(text) + len(separator)
+            index = 0
+            for match in self._banned.finditer(separator.join(texts)):
+                start, end = match.span()
+                if start == end:
+                    continue
+                while index + 1 < len(texts) and starts[index + 1] <= start:
+                    index += 1
+                piece, first = index, True
+                while start < end and piece < len(texts):
+                    piece_start = max(start, starts[piece])
+                    piece_end = min(end, starts[piece] + len(texts[piece]))
+                    if piece_end > piece_start:
+                        spans[piece].append((piece_start - starts[piece], piece_end - starts[piece], first))
+                        first = False
+                    start, piece = max(piece_end, start), piece + 1
         return spans
 
 
-def _raw_chars_covering(text: str, canonical: str, wanted: int) -> int:
-    """How many characters at the end of ``text`` to keep back so that their canonical form
+def _path(field: TextField) -> Path:
+    assert field.path is not None  # only fields with a path are ever redacted
+    return field.path
+
+
+def _raw_chars_covering(text: str, wanted: int, form: Callable[[str], str]) -> int:
+    """How many characters at the end of ``text`` to keep back so that their matching form
     holds ``wanted`` characters: dropped invisible characters and composed sequences make the
-    canonical form shorter, and must not let part of a match leave early."""
-    if text is canonical or len(text) == len(canonical):
-        return min(wanted, len(text))
+    form shorter, and must not let part of a match leave early."""
     count = min(wanted, len(text))
     while count < len(text):
-        shortfall = wanted - len(canonical_text(text[-count:]))
+        shortfall = wanted - len(form(text[-count:]))
         if shortfall <= 0:
             break
         count = min(len(text), count + shortfall)

@@ -10,8 +10,15 @@ fails answers; they are checked cheapest first: ``max_body_bytes``, ``require_js
 A request without a body (``GET /v1/models``) has no content to validate: only
 ``max_body_bytes`` applies to it. With ``require_json: false`` a body that is not a JSON object
 passes the rules that read JSON (they have nothing to read); an LLM API refuses it anyway.
-JSON nested deeper than :data:`pluginchain._api.plugin.MAX_JSON_DEPTH` is refused whatever the rules
-(code ``json_depth``): an upstream whose parser goes deeper would take it with no rule checked.
+
+JSON the rules cannot judge safely is refused whatever the rules, because an upstream that reads
+it another way would take it with no rule checked (:func:`pluginchain.parse_json`): nested
+deeper than :data:`pluginchain.MAX_JSON_DEPTH` (code ``json_depth``), an object with a key twice
+(``duplicate_json_keys``: one parser takes the first ``model``, another the last), bytes that
+are not UTF-8 or a lone surrogate escape (``invalid_utf8``); with ``require_json: false`` also
+a body declared as JSON (``application/json``, ``*/*+json``) or looking like it (first byte
+``{`` or ``[``) that does not parse, e.g. with bytes after the document (``uninspectable_body``).
+A gzip or deflate request body is not inflated: it fails ``require_json``.
 Messages and characters are counted as :mod:`pluginchain.plugins._llm_text` defines them, so
 the validator and ``content_filter`` agree on what the conversation is.
 """
@@ -24,7 +31,9 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pluginchain._api.plugin import (
     BodyNotJSON,
+    BodyNotUTF8,
     BodyTooDeep,
+    BodyUninspectable,
     Plugin,
     PluginConfig,
     PluginContext,
@@ -32,7 +41,7 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
-from pluginchain.plugins._llm_text import conversation_chars, message_count
+from pluginchain.plugins._llm_text import conversation_chars, declares_or_looks_like_json, message_count
 
 _ECHO_LIMIT = 100
 """Longest piece of client input quoted back in an error message, in characters."""
@@ -132,9 +141,19 @@ class ContentValidator(Plugin):
         except BodyTooDeep as error:
             # Whatever the rules: skipping them would let the upstream, which may parse it, get it unchecked.
             raise _rejection("json_depth", str(error)) from None
+        except BodyUninspectable as error:
+            if isinstance(error, BodyNotUTF8):
+                encoding = data.headers.get("content-encoding", "").strip().lower()
+                if encoding not in ("", "identity") and self.config.require_json:
+                    raise _rejection("require_json", f"body is {_clip(encoding)}-encoded; send JSON without a content-encoding") from None
+                if not self.config.require_json and not declares_or_looks_like_json(data.headers, data.body or b""):
+                    return None  # not JSON, and no rule reads text
+            raise _rejection(error.code, _clip(str(error))) from None
         except BodyNotJSON as error:
             if self.config.require_json:
                 raise _rejection("require_json", _clip(str(error))) from None
+            if declares_or_looks_like_json(data.headers, data.body or b""):
+                raise _rejection("uninspectable_body", _clip(str(error))) from None
             return None
         if isinstance(document, dict):
             return document

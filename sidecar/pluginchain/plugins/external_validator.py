@@ -23,9 +23,15 @@ nothing of the stream before the verdict (WHOLE mode; a stream longer than the s
 limit ends with a ``stream_too_large`` error event). Put ``content_filter`` in front for checks
 that must not delay the first token.
 
-``request``/``response`` carry only the parts listed in ``send``. Credentials in headers
-(``authorization``, ``proxy-authorization``, ``cookie``, ``set-cookie``, ``x-api-key``,
-``api-key``) are never sent unless ``forward_headers`` names them.
+``request``/``response`` carry only the parts listed in ``send``. Credentials are never sent
+unless named: a header whose name is a credential's (``authorization``, ``proxy-authorization``,
+``cookie``, ``set-cookie``, ``api-key``, ``x-api-key``, ``x-goog-api-key``,
+``x-amz-security-token``, any name with a part such as ``key``, ``token``, ``secret``,
+``signature``: see :mod:`pluginchain.plugins._secrets`) only when ``forward_headers`` names it;
+a credential query parameter (``key``, ``api_key``, ``apikey``, ``token``, ``access_token``,
+``sig``, ``signature``, ``X-Amz-Signature``...) in a forwarded path or URL (``:path``,
+``referer``, ``location``...) only when ``forward_query_parameters`` names it; otherwise the
+parameter is left out, the rest of the path as it was.
 
 How the answer is read:
 
@@ -66,13 +72,16 @@ from pluginchain._api.plugin import (
 )
 from pluginchain._api.stream import StreamMode
 from pluginchain.plugins._http import check_http_url
+from pluginchain.plugins._secrets import is_credential_name, without_credential_parameters
 
 DEFAULT_URL = "http://127.0.0.1:8090/validate"
 
-SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
-)
-"""Header names never sent to the validator unless ``forward_headers`` names them."""
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+    "x-goog-api-key", "x-amz-security-token",
+})
+"""The best known credential headers. The validator is spared every header whose name
+:func:`~pluginchain.plugins._secrets.is_credential_name` matches, these and many more."""
 
 SEND_PARTS = ("headers", "body")
 
@@ -129,7 +138,15 @@ class ExternalValidatorConfig(PluginConfig):
     forward_headers: tuple[str, ...] | None = None
     """Names of the headers to send (case-insensitive). Default: every header except
     credentials (``authorization``, ``proxy-authorization``, ``cookie``, ``set-cookie``,
-    ``x-api-key``, ``api-key``); those are sent only when named here."""
+    ``api-key``, ``x-api-key``, ``x-goog-api-key``, ``x-amz-security-token``, and any name with a
+    part ``auth``, ``key``, ``token``, ``secret``, ``password``, ``credential``, ``signature``,
+    ``sig``, ``jwt``); those are sent only when named here."""
+
+    forward_query_parameters: tuple[str, ...] = ()
+    """Credential query parameters to leave in the paths and URLs of forwarded headers
+    (``:path``, ``referer``...), case-insensitive. Default none: ``key``, ``api_key``,
+    ``apikey``, ``token``, ``access_token``, ``sig``, ``signature``, ``X-Amz-Signature`` and any
+    other name with a credential part are taken out. Other parameters are always sent."""
 
     headers: dict[str, str] = {}
     """Extra headers on the call to the validator, e.g. its own ``authorization``
@@ -175,6 +192,14 @@ class ExternalValidatorConfig(PluginConfig):
             # Envoy passes HTTP/2 pseudo-headers such as ":path" along with the others.
             if not _HEADER_NAME.fullmatch(name.removeprefix(":")):
                 raise ValueError(f"not a valid header name in forward_headers: {name!r}")
+        return tuple(dict.fromkeys(name.lower() for name in names))
+
+    @field_validator("forward_query_parameters")
+    @classmethod
+    def _check_forward_query_parameters(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not name or any(c in name for c in "&=?#"):
+                raise ValueError(f"not a query parameter name in forward_query_parameters: {name!r}")
         return tuple(dict.fromkeys(name.lower() for name in names))
 
     @field_validator("headers")
@@ -245,9 +270,14 @@ class ExternalValidator(Plugin):
 
     def _pick_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         wanted = self.config.forward_headers
-        if wanted is None:
-            return {k: v for k, v in headers.items() if k not in SECRET_HEADERS}
-        return {k: v for k, v in headers.items() if k in wanted}
+        keep = self.config.forward_query_parameters
+        picked = {}
+        for name, value in headers.items():
+            sent = (name in wanted) if wanted is not None else not is_credential_name(name)
+            if sent:
+                # A path or URL may carry a key in its query (``?key=``, a presigned signature).
+                picked[name] = without_credential_parameters(value, keep) if "?" in value else value
+        return picked
 
     def _http(self) -> httpx.AsyncClient:
         # Built on first use, inside the event loop that serves requests, and shared by them all
