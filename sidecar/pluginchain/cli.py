@@ -25,7 +25,7 @@ from pluginchain._sidecar.envoy_config import EnvoySettings
 from pluginchain._sidecar.envoy_config import render as render_envoy
 from pluginchain._sidecar.extproc import Limits
 from pluginchain._sidecar.gateway import GatewayFailed, run_gateway
-from pluginchain._sidecar.server import Sidecar, SidecarSettings, run_until_signalled
+from pluginchain._sidecar.server import PortUnavailable, Sidecar, SidecarSettings, run_until_signalled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,7 +239,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signalled(sidecar))
+    try:
+        asyncio.run(run_until_signalled(sidecar))
+    except PortUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -249,7 +253,7 @@ def _gateway(args: argparse.Namespace) -> int:
         envoy = _envoy_settings(args, args.sidecar_port)
         render_envoy(envoy)
         asyncio.run(run_gateway(_sidecar_settings(args), envoy))
-    except (ConfigError, ValueError, GatewayFailed) as error:
+    except (ConfigError, ValueError, GatewayFailed, PortUnavailable) as error:
         print(error.render() if isinstance(error, ConfigError) else f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,38 @@ from pluginchain.v1 import config_pb2_grpc
 logger = logging.getLogger("pluginchain.server")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+class PortUnavailable(RuntimeError):
+    """A server of the sidecar cannot listen where it was told to: the command exits non-zero with
+    this one line, rather than a traceback or (with SO_REUSEPORT) sharing the port with another
+    process that serves another config."""
+
+
+def _bind_grpc(server: grpc.aio.Server, host: str, port: int, what: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    address = f"{host}:{port}"
+    if port:
+        # Probed first: gRPC would also log a multi-line error of its own for a taken port.
+        _check_port_free(host, port, f"cannot listen on {address} ({what})")
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        raise PortUnavailable(f"cannot listen on {address} ({what}): the port is taken or the address is not this host's") from None
+
+
+def _check_port_free(host: str, port: int, failure: str) -> None:
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise PortUnavailable(f"{failure}: {error.strerror}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise PortUnavailable(f"{failure}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -185,13 +218,16 @@ class Sidecar:
         options = [
             ("grpc.max_receive_message_length", limits.grpc_message_bytes),
             ("grpc.max_send_message_length", limits.grpc_message_bytes),
+            # No SO_REUSEPORT (gRPC's default): a second sidecar on the port must fail to start
+            # rather than take a share of Envoy's streams while serving another plan.
+            ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
         self._server = server
         self._processor = ExternalProcessor(self.plans, limits)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self._processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = _bind_grpc(server, self.settings.host, self.settings.port, "ext_proc, --sidecar-port")
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         configured = self.config_service is None or self.config_service.active.origin != "empty"
@@ -204,7 +240,11 @@ class Sidecar:
         if configured:
             await self._mark_ready()
         if self.settings.metrics_port is not None:
-            self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host)
+            try:
+                self._metrics_server, _ = start_http_server(self.settings.metrics_port, self.settings.metrics_host)
+            except OSError as error:
+                address = f"{self.settings.metrics_host}:{self.settings.metrics_port}"
+                raise PortUnavailable(f"cannot serve metrics on {address} (--metrics-port): {error.strerror or error}") from None
             self.metrics_port = self._metrics_server.server_port
         if self.watcher is not None:
             self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
@@ -216,17 +256,13 @@ class Sidecar:
 
     async def _start_config_server(self) -> None:
         assert self.config_service is not None and self.settings.config_port is not None
-        # No SO_REUSEPORT (gRPC's default): a second process on the port must fail to start rather
-        # than take a share of the pushes while serving another plan.
         server = grpc.aio.server(interceptors=[ConfigGuard(self._token)], options=[("grpc.so_reuseport", 0)])
         self._config_server = server
         config_pb2_grpc.add_ConfigServiceServicer_to_server(self.config_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.config_health, server)
-        address = f"{self.settings.config_host}:{self.settings.config_port}"
-        if self._server_credentials is None:
-            self.config_port = server.add_insecure_port(address)
-        else:
-            self.config_port = server.add_secure_port(address, self._server_credentials)
+        self.config_port = _bind_grpc(
+            server, self.settings.config_host, self.settings.config_port, "ConfigService, --config-port", self._server_credentials,
+        )
         await server.start()
         for service in ("", CONFIG_SERVICE):
             await self.config_health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -1,5 +1,6 @@
-"""``pluginchain gateway`` as a process: it fails loudly when it cannot serve, and its Envoy never
-outlives it."""
+"""``pluginchain serve`` and ``gateway`` as processes: they fail loudly, with one line naming the
+port, when they cannot serve, never share a port with another process, and the gateway's Envoy
+never outlives it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import BIN, ROOT, free_port, wait_until
+from tests.support.harness import BIN, ROOT, free_port, sidecar_serving, wait_until
 
 
 def gateway_argv(*, port: int, admin_port: int) -> list[str]:
@@ -113,3 +114,32 @@ def test_a_bad_log_level_is_refused_with_the_choices():
     assert result.returncode == 2
     assert "invalid choice: 'verbose'" in result.stderr and "debug" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    argv = [str(BIN / "pluginchain"), "serve", "--config", "examples/chain.yaml", "--log-level", "warning", *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_second_sidecar_on_a_taken_port_exits_with_one_line_instead_of_sharing_it(started):
+    port = free_port()
+    first = subprocess.Popen(
+        [str(BIN / "pluginchain"), "serve", "--config", "examples/chain.yaml", "--sidecar-port", str(port), "--metrics-port", "-1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    started.append(first)
+    wait_until(lambda: sidecar_serving(port), what="first sidecar")
+    second = serve("--sidecar-port", str(port), "--metrics-port", "-1")
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (ext_proc, --sidecar-port): Address already in use"]
+
+
+def test_a_taken_metrics_port_exits_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve("--sidecar-port", "0", "--metrics-port", str(port))
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot serve metrics on") and f":{port} (--metrics-port)" in line
