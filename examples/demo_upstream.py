@@ -9,7 +9,8 @@ A stream is sent as an LLM sends one: chunked, an event per word, as they are "g
 shape it with request headers: ``x-demo-delay`` (seconds between events), ``x-demo-repeat``
 (say the answer N times), ``x-demo-chunking: split`` (cut every event in two network chunks) or
 ``merge`` (two events per chunk), ``x-demo-extra-events: 1`` (a comment and an event type no
-gateway knows, between the words).
+gateway knows, between the words). ``x-demo-wait`` (seconds) holds any answer back that long, as
+an upstream slower than the gateway's route timeout does.
 
     python examples/demo_upstream.py --port 8000
 """
@@ -61,6 +62,8 @@ class DemoUpstream(BaseHTTPRequestHandler):
                 "headers": {k.lower(): v for k, v in self.headers.items()},
                 "body": raw.decode("utf-8", "replace"),
             })
+        if self.headers.get("x-demo-wait"):
+            time.sleep(float(self.headers["x-demo-wait"]))
         if self.path.startswith("/status/"):
             code = int(self.path.rsplit("/", 1)[1])
             self._send(code, json.dumps({"error": {"message": f"upstream says {code}", "type": "upstream"}}).encode())

@@ -122,6 +122,9 @@ def _add_sidecar_options(command: argparse.ArgumentParser, default_port: int, pu
                          help=f"Prometheus /metrics port; -1 disables (default {DEFAULTS.metrics_port})")
     command.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
                          help=f"largest body the chain accepts; larger gets 413 (default {DEFAULTS.max_body_bytes})")
+    command.add_argument("--max-streams", type=int, default=DEFAULTS.max_streams, metavar="N",
+                         help="concurrent ext_proc streams (requests in the chain) served; one more is refused at once "
+                         f"with RESOURCE_EXHAUSTED, Envoy answers it 500 (default {DEFAULTS.max_streams})")
     command.add_argument("--grace", type=float, default=DEFAULTS.grace_seconds,
                          help=f"seconds in-flight requests get on SIGTERM (default {DEFAULTS.grace_seconds:g})")
     command.add_argument("--reload-settle", type=float, default=DEFAULTS.reload_settle_seconds, metavar="SECONDS",
@@ -164,6 +167,9 @@ def _add_envoy_options(command: argparse.ArgumentParser) -> None:
                          help="run CHAIN for paths starting with PREFIX; repeatable; others run 'default'")
     command.add_argument("--message-timeout", default=DEFAULTS.message_timeout,
                          help=f"Envoy's wait for each sidecar answer (default {DEFAULTS.message_timeout})")
+    command.add_argument("--upstream-timeout", "--route-timeout", dest="upstream_timeout", default=DEFAULTS.upstream_timeout, metavar="DURATION",
+                         help="Envoy's route timeout: how long one LLM call may take, from the end of the request to the end of "
+                         f"the response, streams included; 0s: no limit (default {DEFAULTS.upstream_timeout})")
 
 
 def _add_plugins_option(command: argparse.ArgumentParser) -> None:
@@ -172,7 +178,8 @@ def _add_plugins_option(command: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         action="append",
         default=[],
-        help="import custom plugins from MODULE (dotted name or .py path); repeatable",
+        help="import custom plugins from MODULE: a .py path, or a dotted name found on the Python path or else in "
+        "the working directory (no PYTHONPATH needed); repeatable",
     )
 
 
@@ -199,6 +206,7 @@ def _sidecar_settings(args: argparse.Namespace) -> SidecarSettings:
         port=args.sidecar_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         limits=Limits(max_body_bytes=args.max_body_bytes),
+        max_streams=args.max_streams,
         grace=args.grace,
         reload_settle=args.reload_settle,
         **push,
@@ -221,7 +229,22 @@ def _envoy_settings(args: argparse.Namespace, sidecar_port: int) -> EnvoySetting
         routes=tuple(routes),
         max_body_bytes=args.max_body_bytes,
         message_timeout=args.message_timeout,
+        upstream_timeout=args.upstream_timeout,
     )
+
+
+def _check_routes(config: str, plugin_modules: Sequence[str], routes: Sequence[tuple[str, str]]) -> None:
+    """Raise ValueError naming each ``--route`` whose chain the chain file does not define: every
+    request on it would get 500 unknown_chain. (The file's own checks, its default chain among
+    them, are the sidecar's: a ConfigError here says the same.)"""
+    chains = load_file(config, default_registry(plugin_modules))
+    unknown = [f"--route {prefix}={chain}" for prefix, chain in routes if chain not in chains]
+    if unknown:
+        defined = ", ".join(sorted(chains))
+        raise ValueError(
+            f"{'; '.join(unknown)}: {config} defines no such chain (chains defined: {defined}), so every request "
+            "on the route would get 500 unknown_chain"
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -252,6 +275,7 @@ def _gateway(args: argparse.Namespace) -> int:
     try:
         envoy = _envoy_settings(args, args.sidecar_port)
         render_envoy(envoy)
+        _check_routes(args.config, args.plugins, envoy.routes)
         asyncio.run(run_gateway(_sidecar_settings(args), envoy))
     except (ConfigError, ValueError, GatewayFailed, PortUnavailable) as error:
         print(error.render() if isinstance(error, ConfigError) else f"error: {error}", file=sys.stderr)

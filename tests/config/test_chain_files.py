@@ -116,8 +116,10 @@ def test_shape_errors_name_where_they_are():
     assert errors_of({"plugins": {"name": "scripted"}}, registry) == ["plugins: expected a list of plugins, got an object"]
     assert errors_of({"plugins": [], "chains": {}}, registry) == ["use one of `plugins`, `plugin_chain` or `chains`, not several"]
     assert errors_of({"plugins": ["scripted"]}, registry) == ["plugins[0]: expected a plugin object, got a string"]
-    assert errors_of({"plugins": [], "version": 2}, registry) == ["version: unknown field; expected `plugins`, `plugin_chain` or `chains`"]
-    assert errors_of({"chains": {"Bad Name": []}}, registry) == [
+    assert errors_of({"plugins": [], "version": 2}, registry) == [
+        "version: unknown field; expected `plugins`, `plugin_chain` or `chains` (and `no_default_chain`)"
+    ]
+    assert errors_of({"chains": {"default": [], "Bad Name": []}}, registry) == [
         "chains.Bad Name: chain name 'Bad Name' must be lower-case letters, digits, '-', '_' or '.'"
     ]
 

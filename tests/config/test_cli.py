@@ -71,6 +71,7 @@ chain default
 def test_plan_shows_timeouts_on_error_and_only_the_phases_needed(capsys, tmp_path):
     path = tmp_path / "chain.yaml"
     path.write_text("""
+no_default_chain: true
 chains:
   headers-only:
     - {name: rate_limiter, timeout: 250ms, on_error: fail_open}
@@ -135,3 +136,58 @@ def test_envoy_config_prints_the_gateway_configuration_as_plain_yaml(capsys):
     config = yaml.safe_load(out)
     assert config == render_envoy(EnvoySettings(upstream="https://api.openai.com", ready_port=9902,
                                                 routes=(("/v1/embeddings", "embeddings"),)))
+
+
+def test_a_chain_set_without_default_is_refused_naming_the_problem_and_the_fix(capsys, tmp_path):
+    path = tmp_path / "chain.yaml"
+    path.write_text("""
+chains:
+  premium: [{name: rate_limiter, config: {limit: 5, window: 1m}}]
+  internal: [{name: rate_limiter, config: {limit: 50, window: 1m}}]
+""")
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 1 and out == ""
+    assert (
+        "chains: no chain named 'default' (chains defined: 'internal', 'premium'): requests on routes that name no chain "
+        "(no x-pluginchain-chain metadata) would get 500 unknown_chain; add a 'default' chain, or, if every route names "
+        "its chain (with `pluginchain gateway`: a `--route /=CHAIN` for every path), say so with `no_default_chain: true`"
+    ) in err
+
+    path.write_text("no_default_chain: true\n" + path.read_text())
+    assert run(capsys, "validate", str(path)) == (0, "OK\n", "")
+
+
+@pytest.mark.parametrize(("document", "error"), [
+    (
+        "no_default_chain: true\nchains: {default: [{name: rate_limiter}]}",
+        "no_default_chain: says there is no default chain, but the file defines 'default'; remove one of them",
+    ),
+    ("no_default_chain: 'yes'\nchains: {premium: [{name: rate_limiter}]}", "no_default_chain: expected true or false, got a string"),
+    ("no_default_chain: true\nplugins: [{name: rate_limiter}]", "no_default_chain: goes with `chains` only: a single chain is the default chain"),
+])
+def test_no_default_chain_is_said_only_where_it_holds(capsys, tmp_path, document, error):
+    path = tmp_path / "chain.yaml"
+    path.write_text(document)
+    code, _, err = run(capsys, "validate", str(path))
+    assert code == 1 and error in err
+
+
+def test_every_chain_file_the_project_ships_has_its_default_chain(capsys):
+    root = EXAMPLES.parent
+    shipped = [EXAMPLES / "chain.yaml", *sorted((root / "bench" / "chains").glob("*.yaml"))]
+    assert len(shipped) > 1
+    for path in shipped:
+        assert run(capsys, "validate", str(path)) == (0, "OK\n", ""), path
+
+
+def test_the_gateway_refuses_a_route_to_a_chain_the_file_does_not_define(capsys, tmp_path):
+    path = tmp_path / "chain.yaml"
+    path.write_text("chains:\n  default: [{name: rate_limiter, config: {limit: 5, window: 1m}}]\n")
+    code, _, err = run(
+        capsys, "gateway", "--config", str(path), "--upstream", "http://127.0.0.1:9", "--route", "/premium/=premium",
+    )
+    assert code == 1
+    assert err == (
+        f"error: --route /premium/=premium: {path} defines no such chain (chains defined: default), "
+        "so every request on the route would get 500 unknown_chain\n"
+    )

@@ -138,6 +138,24 @@ def test_a_custom_plugin_from_a_module_file(tmp_path):
     assert "tenant_gate  sequential" in result.stdout
 
 
+def test_a_custom_plugin_module_in_the_working_directory_needs_no_pythonpath(tmp_path):
+    (tmp_path / "tenant_plugins.py").write_text(CUSTOM_PLUGIN)
+    (tmp_path / "chain.json").write_text(CHAIN)
+    # As a user runs it: the console script, in the directory holding the module, no PYTHONPATH.
+    result = subprocess.run(
+        [CLI, "validate", "chain.json", "--plugins", "tenant_plugins"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "OK\n", "")
+
+    missing = subprocess.run(
+        [CLI, "validate", "chain.json", "--plugins", "no_such_plugins"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert missing.returncode == 2
+    assert missing.stderr == "error: cannot import plugin module 'no_such_plugins': No module named 'no_such_plugins'\n"
+
+
 def test_a_custom_plugin_from_an_installed_entry_point(tmp_path):
     site = installed_package(tmp_path, "tenant_plugins", "tenant_gate = tenant_plugins:TenantGate")
     (tmp_path / "chain.json").write_text(CHAIN.replace('"acme"', "42"))

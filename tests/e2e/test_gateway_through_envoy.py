@@ -187,7 +187,9 @@ def test_a_hot_reload_while_requests_stream_fails_none(gateway):
     assert results and set(results) == {200}, f"{len(results)} requests, codes {set(results)}"
     stamps = [r["headers"]["x-pluginchain-stamp"] for r in gw.upstream.received()]
     assert stamps[-1] == "v2" and "v3" not in stamps
-    assert stamps.index("v2") > 0 and "v1" not in stamps[stamps.index("v2"):]
+    # Requests in flight at the swap finish on v1 (at most one per worker), every later one runs v2.
+    first_v2 = stamps.index("v2")
+    assert first_v2 > 0 and stamps[first_v2:].count("v1") <= len(workers)
     metrics = httpx.get(gw.metrics_url).text
     assert 'pluginchain_config_reloads_total{result="applied"} 1.0' in metrics
     assert 'pluginchain_config_reloads_total{result="invalid"} 1.0' in metrics
@@ -236,13 +238,14 @@ def test_metrics_and_logs(gateway):
     assert response.status_code == 200
     metrics = httpx.get(gw.metrics_url).text
     assert 'pluginchain_plugin_duration_seconds_count{chain="default",plugin="stamp"} 1.0' in metrics
-    assert 'pluginchain_plugin_decisions_total{chain="default",outcome="allow",plugin="stamp"} 1.0' in metrics
-    assert 'pluginchain_plugin_decisions_total{chain="default",outcome="fail_open",plugin="explode"} 1.0' in metrics
+    assert 'pluginchain_plugin_decisions_total{chain="default",code="none",outcome="allow",plugin="stamp"} 1.0' in metrics
+    # fail_open: the plugin failed, the client got no error from it.
+    assert 'pluginchain_plugin_decisions_total{chain="default",code="none",outcome="error",plugin="explode"} 1.0' in metrics
     # A request is counted when Envoy closes its stream, just after the client got its answer. A
     # chain without post_request plugins never sees the response, so its status class is "none".
-    counted = 'pluginchain_requests_total{chain="default",outcome="allow",status_class="none"} 1.0'
+    counted = 'pluginchain_requests_total{chain="default",code="none",outcome="allow",status_class="none"} 1.0'
     wait_until(lambda: counted in httpx.get(gw.metrics_url).text, timeout=10, what="request counted")
-    assert "pluginchain_stage_duration_seconds_bucket" in metrics
+    assert 'pluginchain_stage_duration_seconds_count{chain="default",stage="pre_request"} 1.0' in metrics
     logs = gw.sidecar.output()
     failure_lines = [json.loads(line) for line in logs.splitlines() if "exploded on purpose" in line]
     assert failure_lines and failure_lines[0]["request_id"] == "req-42"

@@ -143,3 +143,23 @@ def test_a_taken_metrics_port_exits_with_one_line():
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot serve metrics on") and f":{port} (--metrics-port)" in line
+
+
+def test_a_second_gateway_on_a_taken_listener_port_exits_instead_of_sharing_it(started):
+    """Envoy binds its listener exclusively (no SO_REUSEPORT): the second gateway's Envoy cannot
+    start, so the gateway exits 1 with one line, and the first keeps all the traffic."""
+    port = free_port()
+    first = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    started.append(first)
+    assert first.stdout is not None
+    for line in first.stdout:
+        if "pluginchain gateway is up" in line:
+            break
+    second = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(second)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 1
+    assert "is up" not in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "envoy exited" in errors[0], err
+    assert first.poll() is None

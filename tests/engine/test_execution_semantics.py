@@ -246,13 +246,13 @@ async def test_only_a_serving_plan_creates_metric_series():
     registry = scripted_registry()
 
     def decisions(chain: str) -> float | None:
-        labels = {"chain": chain, "plugin": "a", "outcome": "allow"}
+        labels = {"chain": chain, "plugin": "a", "outcome": "allow", "code": "none"}
         return REGISTRY.get_sample_value("pluginchain_plugin_decisions_total", labels)
 
-    checked = compile_plan(validate_document({"chains": {"checked-only": [step("a")]}}, registry), registry)
+    checked = compile_plan(validate_document({"chains": {"checked-only": [step("a")]}, "no_default_chain": True}, registry), registry)
     await checked.chains["checked-only"].run_stage(Stage.PRE_REQUEST, new_exchange())
     assert decisions("checked-only") is None  # the operator and the CLI compile like this
 
-    serving = compile_plan(validate_document({"chains": {"serving": [step("a")]}}, registry), registry, EngineMetrics())
+    serving = compile_plan(validate_document({"chains": {"serving": [step("a")]}, "no_default_chain": True}, registry), registry, EngineMetrics())
     await serving.chains["serving"].run_stage(Stage.PRE_REQUEST, new_exchange())
     assert decisions("serving") == 1.0

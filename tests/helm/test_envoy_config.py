@@ -107,3 +107,19 @@ def test_the_chart_has_envoy_refuse_framing_mutations_as_errors():
         "disallow_expression": {"regex": "transfer-encoding|connection|keep-alive|proxy-connection|te|upgrade"},
         "disallow_is_error": True,
     }
+
+
+def test_the_chart_binds_exclusively_and_answers_errors_as_json_with_a_request_id():
+    """No SO_REUSEPORT (a second Envoy on the port fails instead of splitting traffic), x-request-id
+    on every response, and Envoy's own replies rewritten into JSON errors naming the body limit:
+    tests/e2e/test_envoy_errors_through_envoy.py proves what they do."""
+    config = render(REALISTIC).envoy_config()
+    listeners = config["static_resources"]["listeners"]
+    assert [listener["enable_reuse_port"] for listener in listeners] == [False, False]
+    manager = listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["always_set_request_id_in_response"] is True
+    errors = {m["body_format_override"]["json_format"]["error"]["code"]: m["body_format_override"]["json_format"]["error"]
+              for m in manager["local_reply_config"]["mappers"]}
+    assert {"upstream_unavailable", "upstream_timeout", "gateway_processor_unavailable", "body_too_large", "gateway_error"} <= set(errors)
+    assert errors["body_too_large"]["message"] == f"request body exceeds the gateway limit of {10 * 1024 * 1024} bytes"
+    assert "body_format" not in manager["local_reply_config"], "the sidecar's own JSON answers must pass unchanged"

@@ -236,7 +236,7 @@ async def test_the_decision_is_recorded_as_the_engine_made_it(header, response, 
         {"name": "session"},
         {"name": "gate", "id": "front_gate", "priority": 1},
     ]
-    plan = compile_plan(validate_document({"chains": {chain: entries}}, registry), registry)
+    plan = compile_plan(validate_document({"chains": {chain: entries}, "no_default_chain": True}, registry), registry)
     compiled = plan.chains[chain]
     try:
         exchange = Exchange(request=HttpMessage({"x-test": header, "x-session-id": "conv-0042"}), request_id="req-9")
@@ -389,6 +389,22 @@ async def test_an_endpoint_that_is_down_never_delays_a_request_and_is_counted(bu
     with caplog.at_level(logging.WARNING, logger="pluginchain.plugin"):
         await until(lambda: counted(chain, "http", "failed") == 1, "the failure counted")
     assert f"audit log http sink failed, 1 records lost: POST {url} failed after 1 attempt(s)" in caplog.text
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_a_failed_post_is_one_line_naming_the_endpoint_and_the_error_with_a_traceback_only_at_debug(build, chain, caplog, level):
+    caplog.set_level(level, logger="pluginchain")
+    url = closed_port_url()
+    plugin = build({"sink": "none", "http_url": url + "?access_token=s3cret", "flush_interval": "1ms", "http_retries": 0})
+
+    await finish(plugin, completed())
+    await until(lambda: counted(chain, "http", "failed") == 1, "the failure counted")
+
+    [line] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert line.getMessage().startswith(f"audit log http sink failed, 1 records lost: POST {url} failed after 1 attempt(s): ConnectError: ")
+    assert "\n" not in line.getMessage()
+    assert bool(line.exc_info) == (level == logging.DEBUG)
+    assert "s3cret" not in caplog.text
 
 
 async def test_an_endpoint_that_never_answers_never_delays_a_request_and_close_gives_up_in_time(build, chain, collector):

@@ -840,6 +840,26 @@ async def test_an_unreachable_jwks_url_is_unavailable_not_a_crash(build, clock):
     assert reject is not None and reject.status == 503
 
 
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_an_unreachable_jwks_url_is_one_line_naming_it_and_the_error_with_a_traceback_only_at_debug(build, clock, caplog, level):
+    caplog.set_level(level, logger="pluginchain")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks"
+    plugin = build(jwt=jwt_config(jwks_url=endpoint + "?client_secret=s3cret", jwks_timeout="1s", jwks_min_refresh="30s"))
+
+    for _ in range(3):  # three fetches that fail the same way
+        clock.advance(30)
+        _, reject = await attempt(plugin, bearer(sign(rsa_key("url-1"), claims())))
+        assert reject is not None and reject.status == 503
+
+    [line] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert line.getMessage().startswith(f"JWKS from {endpoint} cannot be fetched (ConnectError: ")
+    assert line.getMessage().endswith("); JWTs are refused until it can be fetched")
+    assert bool(line.exc_info) == (level == logging.DEBUG)
+    assert "s3cret" not in caplog.text
+
+
 # -- secrets stay secret --------------------------------------------------------------------------
 
 

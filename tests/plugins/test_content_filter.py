@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from pluginchain import MAX_JSON_DEPTH, BodyTooDeep, Reject, Stage
 from pluginchain._config.issues import pydantic_issues
+from pluginchain.plugins._content_coding import BodyInflatesTooLarge
 from pluginchain.plugins.content_filter import ContentFilter
 from pluginchain.testing import make_exchange, make_plugin, run_plugin
 from tests.plugins.media import png_data_url
@@ -277,6 +278,32 @@ async def test_a_body_in_an_unreadable_encoding_is_refused_not_passed():
     reject = await rejection(banning("banned"), exchange)
 
     assert (reject.status, reject.code) == (415, "uninspectable_body")
+
+
+async def test_a_gzip_prompt_that_inflates_past_the_limit_is_refused_413():
+    exchange = make_exchange(headers={"content-encoding": "gzip"}, body=gzip.compress(chat("hi" * 600)))
+
+    reject = await rejection(banning("banned", max_inflated_bytes=1000), exchange)
+
+    assert (reject.status, reject.code) == (413, "body_too_large")
+    assert reject.message == "content_filter: gzip body inflates past 1000 bytes"
+
+
+async def test_a_gzip_prompt_within_the_limit_is_judged_inflated():
+    body = chat("so banned")
+    exchange = make_exchange(headers={"content-encoding": "gzip"}, body=gzip.compress(body))
+
+    reject = await rejection(banning("banned", max_inflated_bytes=len(body)), exchange)
+
+    assert reject.code == "content_filtered"
+
+
+async def test_a_gzip_completion_that_inflates_past_the_limit_fails_the_plugin():
+    plugin = banning("banned", stage=Stage.POST_REQUEST, max_inflated_bytes=1000)
+    exchange = make_exchange(response_headers={"content-encoding": "gzip"}, response_body=gzip.compress(completion("ok" * 600)))
+
+    with pytest.raises(BodyInflatesTooLarge, match="inflates past 1000 bytes"):
+        await run_plugin(plugin, exchange)
 
 
 def nested_chat(content: str, depth: int) -> bytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 from pydantic import ValidationError
@@ -217,13 +219,54 @@ async def test_without_require_json_a_body_meant_as_json_must_still_parse():
     await run_plugin(plugin, make_exchange(body=b"plain text \xff, not meant as JSON"))
 
 
-async def test_a_gzip_request_fails_require_json_saying_so():
-    import gzip
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_compressed_request_is_inflated_and_judged_like_a_plain_one(coding):
+    plugin = validator(allowed_models=["gpt-4o"], max_messages=2)
+    compressed = gzip.compress if coding == "gzip" else zlib.compress
 
+    await run_plugin(plugin, make_exchange(headers={"content-encoding": coding}, body=compressed(chat())))
+    with pytest.raises(Reject) as info:
+        await run_plugin(plugin, make_exchange(headers={"content-encoding": coding}, body=compressed(chat(messages=3))))
+
+    assert error_of(info.value) == (400, "max_messages", "content_validator: max_messages: 3 messages exceed the limit of 2")
+
+
+async def test_inflated_json_is_read_as_strictly_as_plain_json():
     plugin = validator(allowed_models=["gpt-4o"])
     with pytest.raises(Reject) as info:
-        await run_plugin(plugin, make_exchange(headers={"content-encoding": "gzip"}, body=gzip.compress(chat())))
+        body = gzip.compress(b'{"model": "gpt-4o", "model": "evil"}')
+        await run_plugin(plugin, make_exchange(headers={"content-encoding": "gzip"}, body=body))
+
+    assert error_of(info.value)[:2] == (400, "duplicate_json_keys")
+
+
+async def test_a_compressed_request_that_inflates_past_the_limit_is_refused_413():
+    plugin = validator(max_inflated_bytes=1000)
+    with pytest.raises(Reject) as info:
+        await run_plugin(plugin, make_exchange(headers={"content-encoding": "gzip"}, body=gzip.compress(chat(content="hi" * 600))))
+
+    assert error_of(info.value) == (413, "body_too_large", "content_validator: body_too_large: gzip body inflates past 1000 bytes")
+
+
+async def test_a_body_in_a_coding_the_validator_cannot_read_fails_require_json_saying_so():
+    plugin = validator(allowed_models=["gpt-4o"])
+    with pytest.raises(Reject) as info:
+        await run_plugin(plugin, make_exchange(headers={"content-encoding": "br"}, body=b"\x1b\x00\x00"))
 
     assert error_of(info.value) == (
-        400, "require_json", "content_validator: require_json: body is gzip-encoded; send JSON without a content-encoding"
+        400, "require_json",
+        "content_validator: require_json: cannot inspect a body with content-encoding 'br'; send JSON plain, gzip- or deflate-encoded",
     )
+
+
+async def test_without_require_json_an_unreadable_body_passes_unless_declared_json():
+    plugin = validator(require_json=False, max_chars=10)
+
+    await run_plugin(plugin, make_exchange(headers={"content-encoding": "br"}, body=b"\x1b\x00\x00"))
+    with pytest.raises(Reject) as info:
+        headers = {"content-encoding": "gzip", "content-type": "application/json"}
+        await run_plugin(plugin, make_exchange(headers=headers, body=b"not gzip"))
+
+    assert error_of(info.value)[:2] == (400, "uninspectable_body")
+
+

@@ -15,6 +15,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from pluginchain import Needs, Reject, Stage, StreamMode
+from pluginchain._config.registry import default_registry
+from pluginchain._config.validation import validate_document
+from pluginchain._engine.plan import compile_plan
 from pluginchain.plugins.external_validator import (
     DEFAULT_URL,
     ExternalValidator,
@@ -392,6 +395,28 @@ async def test_a_refused_connection_raises(plugins):
 
     assert url in str(raised.value)
     assert raised.value.attempts == 2
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_an_unreachable_validator_is_one_log_line_per_request_with_a_traceback_only_at_debug(caplog, level):
+    caplog.set_level(level, logger="pluginchain")
+    url = closed_port_url()
+    registry = default_registry()
+    entry = {"name": "external_validator", "config": {"url": url.replace("http://", "http://user:pw@") + "?token=s3cret", "retries": 1, "backoff": "1ms"}}
+    plan = compile_plan(validate_document([entry], registry), registry)
+    try:
+        for _ in range(2):
+            result = await plan.get("default").run_stage(Stage.PRE_REQUEST, make_exchange(body=CHAT))
+            assert result.rejection is not None and result.rejection.status == 500
+    finally:
+        await plan.aclose()
+
+    lines = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(lines) == 2  # one per request, retries included
+    for line in lines:
+        assert f"external validator {url} unavailable after 2 attempt(s): ConnectError: " in line.getMessage()
+        assert bool(line.exc_info) == (level == logging.DEBUG)
+    assert "s3cret" not in caplog.text and ":pw@" not in caplog.text
 
 
 async def test_retries_stop_where_the_plugin_timeout_would_cut_them(validator, plugins):

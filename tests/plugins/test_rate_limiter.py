@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from pluginchain.plugins.rate_limiter import _MEMORY_STORES, REDIS_MAX_CONNECTIO
 from pluginchain.testing import make_exchange, run_plugin
 from tests.support.clock import FakeClock
 from tests.support.harness import free_port
-from tests.support.valkey import limiter_backend_errors, silent_redis_url
+from tests.support.valkey import limiter_backend_errors, paused_valkey, silent_redis_url
 
 BACKENDS = ["memory", "redis"]
 
@@ -369,6 +369,29 @@ async def test_a_redis_that_never_answers_is_given_up_on_after_redis_timeout(bui
 
         assert isinstance(result, PluginData)
         assert backend_errors(chain, "allow") == before + 1
+
+
+async def test_redis_timeout_bounds_every_decision_the_wait_for_a_connection_included(build, chain):
+    # Three times more decisions at once than the pool has connections, to a valkey that answers
+    # nothing: most queue for a connection, and each must still be decided at redis_timeout.
+    # Several rounds: redis-py's own timeouts racing ours made some take twice as long.
+    timeout = 0.25
+    async with paused_valkey() as url:
+        limiter = build("redis", redis_url=url, redis_timeout="250ms")
+        before = backend_errors(chain, "allow")
+        durations: list[float] = []
+        for _ in range(5):
+            durations += await asyncio.gather(*(timed(attempt(limiter)) for _ in range(3 * REDIS_MAX_CONNECTIONS)))
+
+    assert max(durations) / timeout < 1.6, f"slowest {max(durations):.3f}s against a redis_timeout of {timeout}s"
+    assert backend_errors(chain, "allow") == before + len(durations)
+
+
+async def timed(awaitable: Awaitable[object]) -> float:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await awaitable
+    return loop.time() - started
 
 
 # -- config -----------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import ValidationError
@@ -26,11 +26,14 @@ from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import PluginRegistry
 from pluginchain._config.validation import validate_document
 from pluginchain._engine.plan import compile_plan
+from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS
 from pluginchain.plugins.token_limiter import TokenLimiter, openai_duration
 from pluginchain.testing import make_exchange, run_plugin
 from tests.support.clock import FakeClock
 from tests.support.harness import free_port
-from tests.support.valkey import limiter_backend_errors, silent_redis_url
+from tests.support.valkey import limiter_backend_errors, paused_valkey, silent_redis_url
+
+T = TypeVar("T")
 
 BACKENDS = ["memory", "redis"]
 LIMIT, REMAINING, RESET = "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"
@@ -543,6 +546,36 @@ async def test_a_redis_that_never_answers_is_given_up_on_after_redis_timeout(bui
         assert done.admitted
         assert backend_errors(chain, "allow") == allowed + 1
         assert backend_errors(chain, "unsettled") == unsettled + 1
+
+
+async def test_redis_timeout_bounds_every_check_and_charge_the_wait_for_a_connection_included(build, chain):
+    # Three times more calls at once than the pool has connections, to a valkey that answers
+    # nothing: most queue for a connection, and each must still end at redis_timeout.
+    timeout = 0.25
+    async with paused_valkey() as url:
+        limiter = build("redis", redis_url=url, redis_timeout="250ms")
+        allowed, unsettled = backend_errors(chain, "allow"), backend_errors(chain, "unsettled")
+        callers = 3 * REDIS_MAX_CONNECTIONS
+        checks: list[float] = []
+        charges: list[float] = []
+        for _ in range(3):
+            started = [timed(call(limiter)) for _ in range(callers)]
+            done = await asyncio.gather(*started)
+            checks += [duration for duration, _ in done]
+            charged = await asyncio.gather(*(timed(finish(limiter, admitted, tokens(output=10))) for _, admitted in done))
+            charges += [duration for duration, _ in charged]
+
+    assert max(checks) / timeout < 1.6, f"slowest {max(checks):.3f}s against a redis_timeout of {timeout}s"
+    assert max(charges) / timeout < 1.6, f"slowest {max(charges):.3f}s against a redis_timeout of {timeout}s"
+    assert backend_errors(chain, "allow") == allowed + len(checks)
+    assert backend_errors(chain, "unsettled") == unsettled + len(charges)
+
+
+async def timed(awaitable: Awaitable[T]) -> tuple[float, T]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await awaitable
+    return loop.time() - started, result
 
 
 # -- what it is, and config --------------------------------------------------------------------

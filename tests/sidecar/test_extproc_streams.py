@@ -213,40 +213,53 @@ async def until_refused(stub, *requests: pb.ProcessingRequest, metadata=()) -> t
     return answers, refused.value
 
 
+async def after_the_end(stub, *requests: pb.ProcessingRequest, metadata=()) -> list[pb.ProcessingResponse]:
+    """Send ``requests``, each answered but the last, which comes after the sidecar ended the
+    stream (status OK) with its answer to the last phase asked for: it is never answered."""
+    call = stub.Process(metadata=metadata)
+    answers = []
+    for request in requests[:-1]:
+        await call.write(request)
+        answers.append(await call.read())
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+        await call.write(requests[-1])  # the stream is closed: nothing can reach the sidecar
+    return answers
+
+
 def chain(name: str) -> tuple[tuple[str, str], ...]:
     return (("x-pluginchain-chain", name),)
 
 
 OUT_OF_ORDER = {
-    "a second request body after the request was decided": (
-        "default", [request_headers(), request_body(CLEAN), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
     "response headers before the request headers": (
         "responses", [response_headers()], FAILED_PRECONDITION, "unexpected response_headers: a stream starts with the request headers"),
-    "the request headers twice": (
-        "headers_only", [request_headers(end_of_stream=True), request_headers()], FAILED_PRECONDITION, "unexpected request_headers"),
-    "a request body the mode did not ask for": (
-        "headers_only", [request_headers(), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
-    "a request body after headers that ended the request": (
-        "default", [request_headers(end_of_stream=True), request_body(BANNED)], FAILED_PRECONDITION, "unexpected request_body"),
     "a part of a body in BUFFERED mode": (
         "default", [request_headers(), request_body(BANNED[:20], end_of_stream=False)], INVALID_ARGUMENT,
         "request body message without end_of_stream in BUFFERED mode"),
     "a response body before the response headers": (
         "responses", [request_headers(end_of_stream=True), response_body(BANNED_COMPLETION)], FAILED_PRECONDITION,
         "unexpected response_body: the request was answered; the response headers are awaited"),
-    "a second response body": (
-        "responses", [request_headers(end_of_stream=True), response_headers(), response_body(COMPLETION), response_body(BANNED_COMPLETION)],
-        FAILED_PRECONDITION, "unexpected response_body: the exchange is over"),
-    "response phases the mode skipped": (
-        "default", [request_headers(), request_body(CLEAN), response_headers()], FAILED_PRECONDITION, "unexpected response_headers"),
-    "trailers the mode skipped": (
-        "headers_only", [request_headers(), pb.ProcessingRequest(request_trailers=pb.HttpTrailers())], FAILED_PRECONDITION,
-        "unexpected request_trailers"),
     "a message without a phase": ("headers_only", [pb.ProcessingRequest()], INVALID_ARGUMENT, "ext_proc message carries no phase"),
+    "a part of a response body in BUFFERED mode": (
+        "responses", [request_headers(end_of_stream=True), response_headers(), response_body(BANNED_COMPLETION[:20], end_of_stream=False)],
+        INVALID_ARGUMENT, "response body message without end_of_stream in BUFFERED mode"),
+}
+
+AFTER_THE_LAST_PHASE = {
+    "a second request body after the request was decided": ("default", [request_headers(), request_body(CLEAN), request_body(BANNED)]),
+    "the request headers twice": ("headers_only", [request_headers(end_of_stream=True), request_headers()]),
+    "a request body the mode did not ask for": ("headers_only", [request_headers(), request_body(BANNED)]),
+    "a request body after headers that ended the request": ("default", [request_headers(end_of_stream=True), request_body(BANNED)]),
+    "a second response body": (
+        "responses", [request_headers(end_of_stream=True), response_headers(), response_body(COMPLETION), response_body(BANNED_COMPLETION)]),
+    "response phases the mode skipped": ("default", [request_headers(), request_body(CLEAN), response_headers()]),
+    "trailers the mode skipped": ("headers_only", [request_headers(), pb.ProcessingRequest(request_trailers=pb.HttpTrailers())]),
     "a stream chunk after the stream ended": (
         "responses", [request_headers(end_of_stream=True), response_headers(content_type="text/event-stream"),
-                      response_body(EVENT, end_of_stream=True), response_body(b"data: [DONE]\n\n", end_of_stream=False)],
-        FAILED_PRECONDITION, "unexpected response_body"),
+                      response_body(EVENT, end_of_stream=True), response_body(b"data: [DONE]\n\n", end_of_stream=False)]),
+    "a request body after an immediate response": ("default", [request_headers(), request_body(BANNED), request_body(CLEAN)]),
 }
 
 
@@ -269,6 +282,19 @@ async def test_a_phase_out_of_order_ends_the_stream_with_a_clean_error_and_one_l
     assert again.WhichOneof("response") == "request_headers"
 
 
+@pytest.mark.parametrize("case", sorted(AFTER_THE_LAST_PHASE))
+async def test_the_sidecar_ends_the_stream_cleanly_after_the_last_phase_and_takes_nothing_more(start_sidecar, caplog, case):
+    chain_name, requests = AFTER_THE_LAST_PHASE[case]
+    sidecar, stub = await start_sidecar(PROTOCOL_CHAINS)
+    caplog.set_level(logging.WARNING)
+
+    answers = await after_the_end(stub, *requests, metadata=chain(chain_name))
+
+    assert len(answers) == len(requests) - 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "a stream the sidecar ended is no protocol error"
+    assert sidecar._processor is not None and sidecar._processor.open_streams == 0
+
+
 async def test_a_second_request_body_with_banned_text_is_never_answered_continue(start_sidecar):
     _, stub = await start_sidecar(PROTOCOL_CHAINS)
     # The banned body alone is refused, so what follows is about order, not about the filter.
@@ -281,10 +307,11 @@ async def test_a_second_request_body_with_banned_text_is_never_answered_continue
     await call.write(request_body(CLEAN))
     first = await call.read()
     assert first.WhichOneof("response") == "request_body"
-    await call.write(request_body(BANNED))
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await call.read()
-    assert refused.value.code() == FAILED_PRECONDITION
+    # The answer to the body was the last phase the chain asked for: the sidecar ended the stream.
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+        await call.write(request_body(BANNED))
 
 
 def test_a_body_assigned_anew_is_parsed_anew():
@@ -371,7 +398,6 @@ async def test_a_streamed_response_loses_its_content_length_and_keeps_its_other_
 
 async def test_after_an_answer_for_an_unknown_chain_nothing_more_is_taken(start_sidecar):
     _, stub = await start_sidecar(PROTOCOL_CHAINS)
-    [answer], refused = await until_refused(stub, request_headers(), request_body(BANNED), metadata=chain("no-such-chain"))
+    [answer] = await after_the_end(stub, request_headers(), request_body(BANNED), metadata=chain("no-such-chain"))
     assert answer.immediate_response.status.code == 500
-    assert refused.code() == FAILED_PRECONDITION
-    assert refused.details() == "unexpected request_body: the exchange is over: nothing more was asked for"
+    assert json.loads(answer.immediate_response.body)["error"]["code"] == "unknown_chain"

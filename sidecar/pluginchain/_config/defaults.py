@@ -29,6 +29,13 @@ class Defaults:
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request or response body the chain accepts, in bytes (4 MiB); larger gets 413.
     Envoy's buffer limit is set to the same value."""
+    max_streams: int = 4096
+    """Concurrent ext_proc streams (HTTP requests in the chain) one sidecar serves; one more is
+    refused at once with RESOURCE_EXHAUSTED (the client gets Envoy's 500), never queued. A stream
+    that waits on a slow upstream costs the sidecar about 20 KB, so 4096 of them stay under
+    100 MB, while a stream that runs plugins shares one Python thread: a pod at its cap is
+    overloaded either way, and refusing bounds its memory instead of letting it grow until the
+    pod is killed."""
     grace_seconds: float = 10.0
     """Seconds in-flight requests get to finish after SIGTERM."""
     reload_interval_seconds: float = 1.0

@@ -15,6 +15,10 @@ from pluginchain._config.issues import Path
 
 DEFAULT_CHAIN = "default"
 """The chain a request runs when its route names none."""
+NO_DEFAULT_CHAIN = "no_default_chain"
+"""The chain-file key that says every route names its chain, so the file needs no ``default``."""
+CHAIN_METADATA_KEY = "x-pluginchain-chain"
+"""The gRPC initial metadata by which an Envoy route names the chain its requests run."""
 CHAIN_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 
 

@@ -2,7 +2,8 @@
 
 Built-ins and custom plugins arrive the same way: through the ``pluginchain.plugins`` entry-point
 group (the built-ins are listed in our own pyproject), or from a module named on the command
-line. A malformed class is refused here, at registration, never at request time.
+line (``--plugins``), found as ``python -m`` finds one: in the working directory too. A
+malformed class is refused here, at registration, never at request time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -77,7 +79,13 @@ class PluginRegistry:
             self.register(plugin_class, source=source)
 
     def load_module(self, module_ref: str) -> list[type[Plugin]]:
-        """Import a module (dotted name or ``.py`` path) and register the plugin classes it defines."""
+        """Import a module (dotted name or ``.py`` path) and register the plugin classes it defines.
+
+        A dotted name is looked up on ``sys.path`` and then in the working directory, which is
+        added to its end for good (the module may import its neighbours later): ``pluginchain
+        serve --plugins my_plugins`` in the directory holding ``my_plugins.py`` needs no
+        ``PYTHONPATH``, and no module there can shadow an installed one.
+        """
         module = _import(module_ref)
         found = [
             obj
@@ -89,7 +97,9 @@ class PluginRegistry:
             and not inspect.isabstract(obj)
         ]
         if not found:
-            raise PluginRegistrationError(f"module {module_ref!r} defines no Plugin subclass")
+            # Name the file: an installed module of the same name wins over the working directory's.
+            where = f" ({module.__file__})" if getattr(module, "__file__", None) else ""
+            raise PluginRegistrationError(f"module {module_ref!r}{where} defines no Plugin subclass")
         for plugin_class in found:
             self.register(plugin_class, source=f"module {module_ref}")
         return found
@@ -120,10 +130,19 @@ def _import(module_ref: str) -> ModuleType:
             del sys.modules[name]
             raise PluginRegistrationError(f"cannot import plugin module {module_ref!r}: {error}") from error
         return module
+    _search_working_directory()
     try:
         return importlib.import_module(module_ref)
     except Exception as error:
         raise PluginRegistrationError(f"cannot import plugin module {module_ref!r}: {error}") from error
+
+
+def _search_working_directory() -> None:
+    # A console script's sys.path starts with its bin/ directory, not the working directory as
+    # `python -m` does; appended, not prepended, so that installed packages always win.
+    working_directory = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == working_directory for entry in sys.path):
+        sys.path.append(working_directory)
 
 
 def _problems_of(plugin_class: object) -> list[str]:

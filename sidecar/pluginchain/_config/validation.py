@@ -1,10 +1,14 @@
 """Where a chain is validated: plugin entries against the registered plugins' declarations and
 config models, and the shapes a chain file may take. Every problem is reported at once, each at
-its structured path."""
+its structured path.
+
+A chain file's set of chains must hold ``default``, the chain every request whose route names no
+chain runs, or say that no route leaves it out (``no_default_chain: true``): otherwise the file
+validates and then those requests all get 500 ``unknown_chain``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,8 +24,10 @@ from pluginchain._config.issues import (
     render_path,
 )
 from pluginchain._config.models import (
+    CHAIN_METADATA_KEY,
     CHAIN_NAME,
     DEFAULT_CHAIN,
+    NO_DEFAULT_CHAIN,
     PluginEntry,
     ValidatedChain,
     ValidatedPlugin,
@@ -119,8 +125,9 @@ def _validate_entry(raw: Any, registry: PluginRegistry, here: Path, issues: list
 
 def validate_document(document: Any, registry: PluginRegistry) -> dict[str, ValidatedChain]:
     """Validate a parsed chain file: a list of plugins, ``{"plugins": [...]}``,
-    ``{"plugin_chain": [...]}``, or ``{"chains": {NAME: [...] or {"plugins": [...]}}}``;
-    raise :class:`ConfigError` with every issue."""
+    ``{"plugin_chain": [...]}``, or ``{"chains": {NAME: [...] or {"plugins": [...]}}}`` (with
+    ``"no_default_chain": true`` when it holds no ``default``); raise :class:`ConfigError` with
+    every issue."""
     issues: list[ConfigIssue] = []
     chains: dict[str, ValidatedChain] = {}
     for name, entries, path in _chain_sources(document, issues):
@@ -129,9 +136,43 @@ def validate_document(document: Any, registry: PluginRegistry) -> dict[str, Vali
         issues += found
     if not chains and not issues:
         issues.append(ConfigIssue((), "the config defines no chain"))
+    elif chains and isinstance(document, Mapping) and "chains" in document:
+        issues += _default_chain_issues(document, chains)
     if issues:
         raise ConfigError(issues)
     return chains
+
+
+def missing_default_chain(chain_names: Iterable[str]) -> str | None:
+    """What is wrong with a set of chains that has no ``default``, for anyone who serves or pushes
+    one (None when it has one): requests whose route names no chain would all get 500."""
+    names = sorted(chain_names)
+    if DEFAULT_CHAIN in names:
+        return None
+    defined = ", ".join(repr(name) for name in names) or "none"
+    return (
+        f"no chain named {DEFAULT_CHAIN!r} (chains defined: {defined}): requests on routes that name no chain "
+        f"(no {CHAIN_METADATA_KEY} metadata) would get 500 unknown_chain"
+    )
+
+
+def _default_chain_issues(document: Mapping[str, Any], chains: Mapping[str, ValidatedChain]) -> list[ConfigIssue]:
+    declared = document.get(NO_DEFAULT_CHAIN, False)
+    if not isinstance(declared, bool):
+        return [ConfigIssue((NO_DEFAULT_CHAIN,), f"expected true or false, got {kind_of(declared)}")]
+    missing = missing_default_chain(chains)
+    if declared and missing is None:
+        return [ConfigIssue(
+            (NO_DEFAULT_CHAIN,),
+            f"says there is no default chain, but the file defines {DEFAULT_CHAIN!r}; remove one of them",
+        )]
+    if missing is not None and not declared:
+        return [ConfigIssue(
+            ("chains",),
+            f"{missing}; add a {DEFAULT_CHAIN!r} chain, or, if every route names its chain "
+            f"(with `pluginchain gateway`: a `--route /=CHAIN` for every path), say so with `{NO_DEFAULT_CHAIN}: true`",
+        )]
+    return []
 
 
 def _chain_sources(document: Any, issues: list[ConfigIssue]) -> Iterator[tuple[str, Any, Path]]:
@@ -141,10 +182,12 @@ def _chain_sources(document: Any, issues: list[ConfigIssue]) -> Iterator[tuple[s
     if not isinstance(document, Mapping):
         issues.append(ConfigIssue((), f"expected a list of plugins or an object, got {kind_of(document)}"))
         return
-    known = {"plugins", "plugin_chain", "chains"}
+    known = {"plugins", "plugin_chain", "chains", NO_DEFAULT_CHAIN}
     for key in document:
         if key not in known:
-            issues.append(ConfigIssue((str(key),), "unknown field; expected `plugins`, `plugin_chain` or `chains`"))
+            issues.append(ConfigIssue((str(key),), f"unknown field; expected `plugins`, `plugin_chain` or `chains` (and `{NO_DEFAULT_CHAIN}`)"))
+    if NO_DEFAULT_CHAIN in document and "chains" not in document:
+        issues.append(ConfigIssue((NO_DEFAULT_CHAIN,), "goes with `chains` only: a single chain is the default chain"))
     single = [key for key in ("plugins", "plugin_chain") if key in document]
     if len(single) == 2 or (single and "chains" in document):
         issues.append(ConfigIssue((), "use one of `plugins`, `plugin_chain` or `chains`, not several"))

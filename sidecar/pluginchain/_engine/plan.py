@@ -11,12 +11,16 @@ what it needs, binding the observer's metrics); a request only walks the prebuil
 - a plugin that raises or exceeds its ``timeout`` has failed: ``fail_closed`` answers the client
   with an error, ``fail_open`` drops that plugin's changes and goes on; either way the failure is
   logged, counted and handed to the ``error`` stage, which may replace the error response.
+
+Each execution is counted once, by what the plugin did (:class:`Outcome`), with the error code
+the client got from it; each stage run is timed under its :data:`STAGE_LABELS` name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
@@ -51,16 +55,48 @@ class Histogram(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+class Outcome(enum.StrEnum):
+    """How one plugin execution ended, as the metrics count it."""
+
+    ALLOW = "allow"
+    """It returned, leaving the body, a stream's text and its events as they were (header,
+    metadata and identity changes are still an allow)."""
+    REDACTED = "redacted"
+    """It returned having changed the body of its stage's message, a stream's pending text
+    (``set_text``) or an event (``replace_event``): a redaction, or any rewrite of what is said."""
+    REJECT = "reject"
+    """It raised :class:`Reject`; counted with the reject's code."""
+    ERROR = "error"
+    """It raised anything else (fail_closed: the client got ``plugin_failed``)."""
+    TIMEOUT = "timeout"
+    """It ran past its ``timeout`` (fail_closed: the client got ``plugin_timeout``)."""
+    CANCELLED = "cancelled"
+    """It was stopped unfinished: a member of its parallel group rejected or failed closed, or
+    the request went away."""
+
+
+STAGE_LABELS = ("pre_request", "post_request", "post_request_event", "error")
+"""What a stage run is timed as. ``post_request_event``: the per-event (EVENTS-mode) members on one
+event of a streamed response, so that a stream's hundreds of event runs do not pass for
+post_request runs; its other post_request runs (on its headers, on the whole stream) are
+``post_request``."""
+
+
 class Observer(Protocol):
     """What the engine reports while it runs. The serving sidecar passes its Prometheus metrics
     (``pluginchain._metrics.EngineMetrics``); compiling anywhere else observes nothing, so
-    checking a chain never creates metric series."""
+    checking a chain never creates metric series. Chain names and plugin ids come from the
+    compiled config; ``code`` from plugins (a reject's code): the observer bounds its values."""
 
     def plugin_latency(self, chain: str, plugin: str) -> Histogram: ...
 
-    def plugin_outcome(self, chain: str, plugin: str, outcome: str) -> Counter: ...
+    def plugin_outcome(self, chain: str, plugin: str, outcome: str, code: str | None) -> Counter:
+        """The counter of ``outcome``; ``code``: the error code the client got from it, or None."""
+        ...
 
-    def stage_latency(self, chain: str) -> Histogram: ...
+    def stage_latency(self, chain: str, stage: str) -> Histogram:
+        """The histogram of one of :data:`STAGE_LABELS`."""
+        ...
 
 
 class _Ignored:
@@ -81,10 +117,10 @@ class NotObserved:
     def plugin_latency(self, chain: str, plugin: str) -> Histogram:
         return self._IGNORED
 
-    def plugin_outcome(self, chain: str, plugin: str, outcome: str) -> Counter:
+    def plugin_outcome(self, chain: str, plugin: str, outcome: str, code: str | None) -> Counter:
         return self._IGNORED
 
-    def stage_latency(self, chain: str) -> Histogram:
+    def stage_latency(self, chain: str, stage: str) -> Histogram:
         return self._IGNORED
 
 
@@ -134,19 +170,39 @@ class StageResult:
     failures: list[Failure]
 
 
-class _Member:
-    """A plugin instance with what it needs and its metric children, settled once, at compile time."""
+_MAX_BOUND_COUNTERS = 64
+"""Outcome counters one member keeps bound. Reject codes come from plugins: past this many, a
+counter is looked up at each use instead of kept (the observer bounds the label values)."""
 
-    __slots__ = ("plugin", "suspends", "latency", "outcomes")
+
+class _Member:
+    """A plugin instance with what it needs and its metric children, settled once, at compile time
+    (the counter of an outcome with a code at its first use)."""
+
+    __slots__ = ("plugin", "suspends", "latency", "_counters", "_chain", "_observer")
 
     def __init__(self, plugin: Plugin, needs: Needs, chain: str, observer: Observer):
         self.plugin = plugin
         self.suspends = needs.suspends
         self.latency = observer.plugin_latency(chain, plugin.id)
-        self.outcomes = {
-            outcome: observer.plugin_outcome(chain, plugin.id, outcome)
-            for outcome in ("allow", "reject", "error", "fail_open")
-        }
+        self._chain = chain
+        self._observer = observer
+        self._counters: dict[tuple[Outcome, str | None], Counter] = {}
+        for outcome in (Outcome.ALLOW, Outcome.REDACTED):
+            self._bind(outcome, None)
+
+    def count(self, outcome: Outcome, code: str | None = None) -> None:
+        """One execution that ended with ``outcome``; ``code``: the error code the client got from it."""
+        counter = self._counters.get((outcome, code))
+        if counter is None:
+            counter = self._bind(outcome, code)
+        counter.inc()
+
+    def _bind(self, outcome: Outcome, code: str | None) -> Counter:
+        counter = self._observer.plugin_outcome(self._chain, self.plugin.id, outcome, code)
+        if len(self._counters) < _MAX_BOUND_COUNTERS:
+            self._counters[(outcome, code)] = counter
+        return counter
 
 
 class CompiledChain:
@@ -187,7 +243,17 @@ class CompiledChain:
             holdback=max((n.holdback for _, n in per_event), default=0),
             limit_bytes=min(limits, default=None),
         )
-        self._chain_latency = observer.stage_latency(name)
+        self._stage_latency = {stage: observer.stage_latency(name, stage) for stage in self._timed_stages()}
+
+    def _timed_stages(self) -> list[str]:
+        """The :data:`STAGE_LABELS` this chain runs: only those get a histogram."""
+        runs = {
+            "pre_request": bool(self.stages[Stage.PRE_REQUEST]),
+            "post_request": bool(self.stages[Stage.POST_REQUEST]),
+            "post_request_event": bool(self.stream.per_event),
+            "error": bool(self.stages[Stage.ERROR]),
+        }
+        return [stage for stage in STAGE_LABELS if runs[stage]]
 
     def __repr__(self) -> str:
         return f"CompiledChain({self.name!r}, plugins={[p.id for p in self.plugins]})"
@@ -199,16 +265,21 @@ class CompiledChain:
         """
         if stage is Stage.ERROR:
             raise ValueError("run the error stage with run_error_stage()")
+        groups = self.stages[stage] if groups is None else groups
         failures: list[Failure] = []
         rejection = None
+        if not groups:
+            return StageResult(rejection, failures)
+        # The stream's per-event groups are the one subset timed apart (see STAGE_LABELS).
+        timed_as = "post_request_event" if groups is self.stream.per_event else str(stage)
         started = time.perf_counter()
         try:
-            for group in self.stages[stage] if groups is None else groups:
+            for group in groups:
                 rejection = await self._run_group(group, stage, exchange, failures)
                 if rejection is not None:
                     break
         finally:
-            self._chain_latency.observe(time.perf_counter() - started)
+            self._stage_latency[timed_as].observe(time.perf_counter() - started)
         for failure in failures:
             response = None if failure.fail_open else rejection
             replacement = await self.run_error_stage(exchange, failure, response)
@@ -222,11 +293,13 @@ class CompiledChain:
         for plugin in self.finishers:
             member = self._members[plugin.id]
             ctx = _context(self.name, exchange, plugin)
+            timeout = asyncio.timeout(plugin.settings.timeout)
             try:
-                async with asyncio.timeout(plugin.settings.timeout):
+                async with timeout:
                     await plugin.finish(ctx, PluginData(plugin.stage, exchange))
             except Exception as error:
-                member.outcomes["error"].inc()
+                # The client has its answer: no error code came from this.
+                member.count(Outcome.TIMEOUT if isinstance(error, TimeoutError) and timeout.expired() else Outcome.ERROR)
                 logger.warning(
                     "plugin %s failed to finish: %s: %s", plugin.id, type(error).__name__, error,
                     extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
@@ -239,16 +312,23 @@ class CompiledChain:
         a fail_open failure, in which case a replacement is ignored). Failures inside the error
         stage are logged and counted but never recurse.
         """
-        for group in self.stages[Stage.ERROR]:
-            for plugin in group.sequential + group.parallel:
-                data = PluginData(Stage.ERROR, exchange, failure)
-                outcome = await self._execute(self._members[plugin.id], data, exchange)
-                if isinstance(outcome, Reject):
-                    return outcome if response is not None or failure.kind == "upstream" else None
-                if isinstance(outcome, Failure):
-                    continue
-                data.apply()
-        return None
+        groups = self.stages[Stage.ERROR]
+        if not groups:
+            return None
+        started = time.perf_counter()
+        try:
+            for group in groups:
+                for plugin in group.sequential + group.parallel:
+                    data = PluginData(Stage.ERROR, exchange, failure)
+                    outcome = await self._execute(self._members[plugin.id], data, exchange)
+                    if isinstance(outcome, Reject):
+                        return outcome if response is not None or failure.kind == "upstream" else None
+                    if isinstance(outcome, Failure):
+                        continue
+                    data.apply()
+            return None
+        finally:
+            self._stage_latency["error"].observe(time.perf_counter() - started)
 
     async def _run_group(self, group: Group, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
         for plugin in group.sequential:
@@ -338,9 +418,14 @@ class CompiledChain:
             return self._rejected(member, reject)
         except Exception as error:
             return self._failed(member, data, exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
+        except asyncio.CancelledError:
+            # Not its own timeout (asyncio.timeout turns that into TimeoutError): a sibling
+            # stopped the group, or the request went away.
+            member.count(Outcome.CANCELLED)
+            raise
         finally:
             member.latency.observe(time.perf_counter() - started)
-        member.outcomes["allow"].inc()
+        member.count(Outcome.REDACTED if _changes_content(data) else Outcome.ALLOW)
         return None
 
     def _execute_inline(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
@@ -357,13 +442,13 @@ class CompiledChain:
             return self._failed(member, data, exchange, error, timed_out=False)
         finally:
             member.latency.observe(time.perf_counter() - started)
-        member.outcomes["allow"].inc()
+        member.count(Outcome.REDACTED if _changes_content(data) else Outcome.ALLOW)
         return None
 
     @staticmethod
     def _rejected(member: _Member, reject: Reject) -> Reject:
         reject.plugin_id = member.plugin.id
-        member.outcomes["reject"].inc()
+        member.count(Outcome.REJECT, reject.code)
         return reject
 
     def _failed(self, member: _Member, data: PluginData, exchange: Exchange, error: Exception, *, timed_out: bool) -> Failure:
@@ -374,14 +459,33 @@ class CompiledChain:
             failure = Failure(plugin.id, data.stage, "timeout", f"timed out after {settings.timeout:g}s", fail_open)
         else:
             failure = Failure(plugin.id, data.stage, "exception", f"{type(error).__name__}: {error}", fail_open)
-        member.outcomes["fail_open" if fail_open else "error"].inc()
+        # The client gets an error from it only where a failure answers, and only fail_closed.
+        code = None if fail_open or data.stage is Stage.ERROR else failure_response(failure).code
+        member.count(Outcome.TIMEOUT if timed_out else Outcome.ERROR, code)
         logger.warning(
             "plugin %s failed in %s (%s, %s): %s",
             plugin.id, data.stage, failure.kind, settings.on_error, failure.message,
             extra={"chain": self.name, "request_id": exchange.request_id, "plugin": plugin.id},
-            exc_info=failure.kind == "exception",
+            # One line per failure (an unreachable endpoint fails every request); the traceback,
+            # for a plugin's own bug, at debug level.
+            exc_info=failure.kind == "exception" and logger.isEnabledFor(logging.DEBUG),
         )
         return failure
+
+
+def _changes_content(data: PluginData) -> bool:
+    """Whether a plugin that let the message on changed what it says: the body of its stage's
+    message, a stream's pending text, or the event being judged (see :attr:`Outcome.REDACTED`)."""
+    event = data.event
+    if event is not None:
+        texts = data.texts
+        if texts is not event.pending and any(text != event.pending.get(channel) for channel, text in texts.items()):
+            return True
+        return data._event_data is not None  # replace_event() has no public reader; the engine applies it
+    message = data.response if data.stage is Stage.POST_REQUEST else data.request
+    original = message.body if message is not None else None
+    body = data.body
+    return body is not original and body != original
 
 
 def _context(chain: str, exchange: Exchange, plugin: Plugin) -> PluginContext:

@@ -2,16 +2,20 @@
 
 ``pluginchain gateway`` runs Envoy with it, ``pluginchain envoy-config`` prints it for users to
 adopt, and the tests prove it. It fails closed: if the sidecar cannot be reached, requests get an
-error, never a free pass.
+error, never a free pass. And every error a client gets is an OpenAI-style JSON error: the replies
+Envoy makes itself (upstream down, sidecar down, timeouts, a body over the limit) are rewritten
+into ``{"error": {"message", "type", "code"}}`` by the connection manager's ``local_reply_config``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pluginchain._config.defaults import DEFAULTS
-from pluginchain._sidecar.extproc import CHAIN_METADATA_KEY, SOURCE_ADDRESS_ATTRIBUTE
+from pluginchain._config.models import CHAIN_METADATA_KEY
+from pluginchain._sidecar.extproc import SOURCE_ADDRESS_ATTRIBUTE
 
 SIDECAR_CLUSTER = "pluginchain_sidecar"
 UPSTREAM_CLUSTER = "llm_upstream"
@@ -24,6 +28,84 @@ CONNECTION_HEADERS_REGEX = "transfer-encoding|connection|keep-alive|proxy-connec
 a ``content-length`` is a request-smuggling primitive. ``content-length`` is not among them: the
 sidecar sets it when it replaces a body, and the plugin API refuses it to plugins."""
 
+
+SIDECAR_DETAILS_PREFIX = "pluginchain_"
+"""The sidecar's own answers (ImmediateResponse) carry ``details`` starting with this; they are
+already JSON errors and pass through Envoy's local reply rewriting untouched."""
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    """One kind of reply Envoy makes itself, and the OpenAI-style error a client gets instead."""
+
+    code: str
+    """The error's ``code``: stable, for clients to act on."""
+    type: str
+    message: str
+    """Envoy's command operators work here: ``%RESPONSE_CODE_DETAILS%`` says what Envoy saw."""
+    flags: tuple[str, ...] = ()
+    """Envoy response flags (UF, UT, ...) that select this reply..."""
+    details: str | None = None
+    """...or a CEL condition on ``response.code_details``."""
+
+
+def _details_start(*prefixes: str) -> str:
+    return " || ".join(f"response.code_details.startsWith('{prefix}')" for prefix in prefixes)
+
+
+_ENVOY_SAYS = " (envoy: %RESPONSE_CODE_DETAILS%)"
+_NOT_THE_SIDECARS = f"!response.code_details.startsWith('{SIDECAR_DETAILS_PREFIX}')"
+
+
+def local_replies(max_body_bytes: int) -> tuple[LocalReply, ...]:
+    """Envoy's own replies, first match wins; each keeps Envoy's status. A reply that none selects
+    (the sidecar's) passes unchanged: there is no top-level ``body_format``."""
+    return (
+        LocalReply("upstream_timeout", "server_error", "the LLM upstream did not answer within the gateway's route timeout",
+                   flags=("UT",)),
+        LocalReply("upstream_unavailable", "server_error",
+                   "the LLM upstream could not be reached or reset the connection before answering" + _ENVOY_SAYS,
+                   flags=("UF", "UH", "UC", "UO", "UR", "URX", "UPE", "NC", "DF", "UMSDR")),
+        LocalReply("route_not_found", "not_found_error", "no gateway route for this path", flags=("NR",)),
+        LocalReply("gateway_processor_timeout", "server_error", "the gateway's plugin processor did not answer in time",
+                   details=_details_start("ext_proc_error_per-message_timeout")),
+        # The sidecar refuses a stream beyond its cap with RESOURCE_EXHAUSTED (gRPC status 8).
+        LocalReply("gateway_overloaded", "server_error", "the gateway's plugin processor is at its stream limit; retry",
+                   details=_details_start("ext_proc_error_gRPC_error_8{")),
+        LocalReply("gateway_processor_unavailable", "server_error",
+                   "the gateway's plugin processor is unreachable or failed" + _ENVOY_SAYS,
+                   details=_details_start("ext_proc_error")),
+        LocalReply("header_mutation_refused", "server_error", "the gateway refused a header change of its plugins" + _ENVOY_SAYS,
+                   details=_details_start("header_mutation_")),
+        LocalReply("body_too_large", "invalid_request_error", f"request body exceeds the gateway limit of {max_body_bytes} bytes",
+                   details="response.code_details == 'request_payload_too_large'"),
+        LocalReply("response_too_large", "server_error", f"the upstream's response body exceeds the gateway limit of {max_body_bytes} bytes",
+                   details="response.code_details == 'response_payload_too_large'"),
+        # Anything else Envoy answers itself (431 headers too large, 400 malformed requests, ...).
+        LocalReply("gateway_error", "server_error", "the gateway could not serve this request" + _ENVOY_SAYS,
+                   details=f"{_NOT_THE_SIDECARS} && response.code >= 500"),
+        LocalReply("gateway_error", "invalid_request_error", "the gateway refused this request" + _ENVOY_SAYS,
+                   details=_NOT_THE_SIDECARS),
+    )
+
+
+def local_reply_config(max_body_bytes: int) -> dict:
+    """``local_reply_config`` of the connection manager: each of :func:`local_replies` as a mapper."""
+    mappers = []
+    for reply in local_replies(max_body_bytes):
+        if reply.flags:
+            selector: dict = {"response_flag_filter": {"flags": list(reply.flags)}}
+        else:
+            selector = {"extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": reply.details,
+                },
+            }}
+        error = {"message": reply.message, "type": reply.type, "code": reply.code}
+        mappers.append({"filter": selector, "body_format_override": {"json_format": {"error": error}}})
+    return {"mappers": mappers}
 
 
 @dataclass(frozen=True)
@@ -51,12 +133,17 @@ class EnvoySettings:
     """How long Envoy waits for the sidecar's answer to one phase (covers the chain's plugins);
     on a streamed completion, to each chunk's answer, so the stream itself may last longer."""
     upstream_timeout: str = DEFAULTS.upstream_timeout
-    """How long an LLM call may take, a streamed completion to its last event included."""
+    """The route timeout: how long an LLM call may take, from the end of the request to the end
+    of the response, a streamed completion to its last event included. ``0s`` disables it."""
     upstream_read_buffer_bytes: int = DEFAULTS.upstream_read_buffer_bytes
     """How far Envoy reads ahead of the chain into an upstream's response: bounds the chunks a
     streamed completion reaches the sidecar in."""
     failure_mode_allow: bool = False
     """False: an unreachable sidecar fails requests closed."""
+
+
+_PROTOBUF_DURATION = re.compile(r"[0-9]+(\.[0-9]{1,9})?s")
+"""What Envoy reads as a duration (the chart's schema has the same pattern)."""
 
 
 def render(settings: EnvoySettings) -> dict:
@@ -65,6 +152,9 @@ def render(settings: EnvoySettings) -> dict:
     if upstream.scheme not in ("http", "https") or not upstream.hostname:
         raise ValueError(f"upstream must be an http(s) URL with a host, got {settings.upstream!r}")
     upstream_port = upstream.port or (443 if upstream.scheme == "https" else 80)
+    for name, duration in (("message timeout", settings.message_timeout), ("upstream timeout", settings.upstream_timeout)):
+        if not _PROTOBUF_DURATION.fullmatch(duration):
+            raise ValueError(f"the {name} must be a duration in seconds like 10s or 0.5s, got {duration!r}")
 
     routes = [_route(prefix, chain, settings) for prefix, chain in settings.routes]
     routes.append(_route("/", None, settings))
@@ -90,6 +180,9 @@ def render(settings: EnvoySettings) -> dict:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway",
         "generate_request_id": True,
+        # Every response carries x-request-id, errors included: the id the sidecar logs with.
+        "always_set_request_id_in_response": True,
+        "local_reply_config": local_reply_config(settings.max_body_bytes),
         "route_config": {"name": "gateway", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
         "http_filters": [{"name": EXT_PROC_FILTER, "typed_config": ext_proc}, _router()],
     }
@@ -128,6 +221,8 @@ def render(settings: EnvoySettings) -> dict:
     listeners = [{
         "name": "gateway",
         "address": _socket(settings.listen_host, settings.listen_port),
+        # Bind exclusively: a second gateway on this port fails to start instead of sharing it.
+        "enable_reuse_port": False,
         "per_connection_buffer_limit_bytes": settings.max_body_bytes,
         "filter_chains": [_http_filter_chain(connection_manager)],
     }]
@@ -181,7 +276,7 @@ def _ready_listener(host: str, port: int) -> dict:
             _router(),
         ],
     }
-    return {"name": "ready", "address": _socket(host, port), "filter_chains": [_http_filter_chain(connection_manager)]}
+    return {"name": "ready", "address": _socket(host, port), "enable_reuse_port": False, "filter_chains": [_http_filter_chain(connection_manager)]}
 
 
 def _route(prefix: str, chain: str | None, settings: EnvoySettings) -> dict:

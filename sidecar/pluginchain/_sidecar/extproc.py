@@ -11,6 +11,15 @@ stream with a gRPC error (FAILED_PRECONDITION, or INVALID_ARGUMENT for a malform
 one log line; it is never judged, so never answered "continue". Each body is judged on its own
 bytes. The framing of what goes on (``content-length`` after a body is replaced, none on a
 streamed response) is set here, never by plugins.
+
+The sidecar ends each stream itself, cleanly (status OK), right after its answer to the last
+phase the chain asked for: once the outcome is sealed, no later message could change it, and
+Envoy takes an OK close as "go on without the processor". Left open, Envoy would end the stream
+by resetting it, and grpcio keeps about 120 bytes of native memory for every stream that ends
+by cancellation (a server-ended one costs a few bytes), a straight line up under steady load.
+
+Streams are capped (``max_streams``): one beyond the cap is refused at once with
+RESOURCE_EXHAUSTED, never queued, and the streams within the cap go on as if it never came.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +43,19 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from pluginchain._api.plugin import BodyNotJSON, Exchange, Failure, HttpMessage, Reject, Stage, Usage
 from pluginchain._config.defaults import DEFAULTS
-from pluginchain._config.models import DEFAULT_CHAIN
+from pluginchain._config.models import CHAIN_METADATA_KEY, DEFAULT_CHAIN
 from pluginchain._engine.plan import CompiledChain, Group, Plan
 from pluginchain._engine.streaming import ResponseStream
 from pluginchain._engine.usage import ask_for_stream_usage, usage_of, usage_of_body
-from pluginchain._metrics import REQUESTS, TIME_TO_FIRST_TOKEN, TOKENS, UPSTREAM_LATENCY
+from pluginchain._metrics import ERROR_CODES, MODELS, REQUESTS, TIME_TO_FIRST_TOKEN, TOKENS, UPSTREAM_LATENCY
 from pluginchain._sidecar.plans import PlanHolder
 from pluginchain.plugins._content_coding import UnreadableBody, inflate, readable_accept_encoding
 
 logger = logging.getLogger("pluginchain.extproc")
 
-CHAIN_METADATA_KEY = "x-pluginchain-chain"
+UNKNOWN_CHAIN_LABEL = "unknown"
+"""The ``chain`` label of requests for a chain the plan does not have: the names they ask for are
+unbounded (a misrouted Envoy, a client of the gRPC port), the metric's series must not be."""
 SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 EXT_PROC_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 
@@ -94,47 +106,76 @@ class Limits:
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """The ``envoy.service.ext_proc.v3.ExternalProcessor`` service."""
 
-    def __init__(self, plans: PlanHolder, limits: Limits = Limits()):
+    def __init__(
+        self,
+        plans: PlanHolder,
+        limits: Limits = Limits(),
+        max_streams: int = DEFAULTS.max_streams,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """``max_streams``: concurrent streams served; more are refused (RESOURCE_EXHAUSTED).
+        ``clock``: monotonic seconds, which space the refusals' log lines."""
         self._plans = plans
         self._limits = limits
+        self._max_streams = max_streams
+        self._open_streams = 0
+        self._refusals = _SpacedLog(clock)
         self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
         self._streamed_modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
-        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._counters: dict[tuple[str, str, str, str], Any] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
-    async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
-        chain_name = _chain_name(context)
-        with self._plans.use() as plan:
-            chain = plan.get(chain_name)
-            stream: _Stream | _UnknownChainStream
-            if chain is None:
-                stream = _UnknownChainStream(chain_name)
-            else:
-                stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
-            try:
-                async for request in request_iterator:
-                    yield await stream.answer(request)
-            except ProtocolViolation as violation:
-                stream.outcome = "error"
-                logger.warning(
-                    "ext_proc stream refused with %s: %s", violation.code.name, violation,
-                    extra={"chain": chain_name, "request_id": stream.exchange.request_id},
-                )
-                await context.abort(violation.code, str(violation))
-            except BaseException:
-                # Envoy may reset a stream once it has every answer it needs; only a stream cut
-                # before its decision is a cancelled request.
-                if not stream.decided:
-                    stream.outcome = "cancelled"
-                raise
-            finally:
-                self._request_counter(chain_name, stream.outcome, stream.status_class).inc()
-                if isinstance(stream, _Stream):
-                    self._after(plan, stream.chain, stream)
+    @property
+    def open_streams(self) -> int:
+        """Streams being served now."""
+        return self._open_streams
 
-    def _request_counter(self, chain_name: str, outcome: str, status_class: str):
+    async def Process(self, request_iterator, context: grpc.aio.ServicerContext):
+        if self._open_streams >= self._max_streams:
+            self._refusals.record(self._max_streams)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the sidecar serves at most {self._max_streams} streams at once")
+        self._open_streams += 1
+        try:
+            chain_name = _chain_name(context)
+            with self._plans.use() as plan:
+                chain = plan.get(chain_name)
+                stream: _Stream | _UnknownChainStream
+                if chain is None:
+                    stream = _UnknownChainStream(chain_name)
+                else:
+                    stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
+                try:
+                    async for request in request_iterator:
+                        yield await stream.answer(request)
+                        if stream.expecting is _NOTHING:
+                            # The last phase the chain asked for is answered: end the stream here,
+                            # cleanly, before Envoy resets it (see the module's docstring).
+                            return
+                except ProtocolViolation as violation:
+                    stream.outcome = "error"
+                    logger.warning(
+                        "ext_proc stream refused with %s: %s", violation.code.name, violation,
+                        extra={"chain": chain_name, "request_id": stream.exchange.request_id},
+                    )
+                    await context.abort(violation.code, str(violation))
+                except BaseException:
+                    # Envoy may reset a stream once it has every answer it needs; only a stream cut
+                    # before its decision is a cancelled request.
+                    if not stream.decided:
+                        stream.outcome = "cancelled"
+                    raise
+                finally:
+                    rejection = stream.exchange.rejection
+                    code = ERROR_CODES(rejection.code if rejection is not None else None)
+                    self._request_counter(stream.chain_label, stream.outcome, stream.status_class, code).inc()
+                    if isinstance(stream, _Stream):
+                        self._after(plan, stream.chain, stream)
+        finally:
+            self._open_streams -= 1
+
+    def _request_counter(self, chain_name: str, outcome: str, status_class: str, code: str):
         # Bound once per label set: a labels() lookup takes a lock on every request.
-        key = (chain_name, outcome, status_class)
+        key = (chain_name, outcome, status_class, code)
         counter = self._counters.get(key)
         if counter is None:
             counter = self._counters[key] = REQUESTS.labels(*key)
@@ -145,7 +186,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         task of their own (the stream may have been cancelled) that keeps the plan open."""
         usage = stream.exchange.usage
         if usage is not None:
-            model = _model_label(usage.model)
+            model = MODELS(usage.model)
             TOKENS.labels(chain.name, model, "input").observe(usage.input_tokens)
             TOKENS.labels(chain.name, model, "output").observe(usage.output_tokens)
         if not chain.finishers or not stream.started:
@@ -199,10 +240,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 class _Exchanging:
     """What every stream keeps: the exchange, how it ended, and the phases it may receive next."""
 
-    __slots__ = ("chain_name", "exchange", "outcome", "decided", "started", "status_class", "expecting")
+    __slots__ = ("chain_name", "chain_label", "exchange", "outcome", "decided", "started", "status_class", "expecting")
 
-    def __init__(self, chain_name: str):
+    def __init__(self, chain_name: str, chain_label: str):
         self.chain_name = chain_name
+        self.chain_label = chain_label
+        """The ``chain`` label of its metrics: the chain's name, or ``unknown``."""
         self.exchange = Exchange()
         self.outcome = "allow"
         self.decided = False
@@ -249,6 +292,9 @@ class _UnknownChainStream(_Exchanging):
 
     __slots__ = ()
 
+    def __init__(self, chain_name: str):
+        super().__init__(chain_name, UNKNOWN_CHAIN_LABEL)
+
     async def answer(self, request: pb.ProcessingRequest) -> pb.ProcessingResponse:
         self._check_phase(request.WhichOneof("request"))
         self._receive_request_headers(request)
@@ -267,7 +313,7 @@ class _Stream(_Exchanging):
     __slots__ = ("chain", "mode", "limits", "streamed_mode", "response_stream", "sent_upstream", "hide_usage")
 
     def __init__(self, chain: CompiledChain, chain_name: str, mode: _Mode, limits: Limits, streamed_mode: _Mode | None):
-        super().__init__(chain_name)
+        super().__init__(chain_name, chain_name)
         self.chain = chain
         self.mode = mode
         self.limits = limits
@@ -346,7 +392,7 @@ class _Stream(_Exchanging):
         self.expecting = _NOTHING
         response = self.exchange.response = HttpMessage(_header_dict(headers.headers))
         if self.sent_upstream:
-            UPSTREAM_LATENCY.labels(self.chain_name).observe(time.perf_counter() - self.sent_upstream)
+            UPSTREAM_LATENCY.labels(self.chain_label).observe(time.perf_counter() - self.sent_upstream)
         self.status_class = response.headers.get(":status", "")[:1] + "xx"
         for name, value in self.exchange.response_headers.items():
             response.set_header(name, value)
@@ -393,7 +439,7 @@ class _Stream(_Exchanging):
             self.expecting = _NOTHING
         output = await stream.feed(chunk, body.end_of_stream)
         if stream.sent_text and not had_text:
-            TIME_TO_FIRST_TOKEN.labels(self.chain_name).observe(time.perf_counter() - self.started)
+            TIME_TO_FIRST_TOKEN.labels(self.chain_label).observe(time.perf_counter() - self.started)
         if stream.ended:
             self.decided = True
             self.exchange.rejection = stream.rejection
@@ -446,21 +492,27 @@ class _Stream(_Exchanging):
         return self._immediate(Reject(413, message, code="body_too_large"))
 
 
-_MODEL_LABELS: set[str] = set()
-_MAX_MODEL_LABELS = 64
-"""Distinct models the token metric names; more (an upstream naming every answer differently)
-are counted as ``other``, so the metric cannot grow without end."""
+class _SpacedLog:
+    """The warning for refused streams: the first refusal is logged at once, later ones at most
+    once per ``every`` seconds with the count since, so a flood of refusals is no flood of logs."""
 
+    def __init__(self, clock: Callable[[], float], every: float = 10.0):
+        self._clock = clock
+        self._every = every
+        self._next_at: float | None = None
+        self._unlogged = 0
 
-def _model_label(model: str | None) -> str:
-    if not model:
-        return "unknown"
-    if model in _MODEL_LABELS:
-        return model
-    if len(_MODEL_LABELS) >= _MAX_MODEL_LABELS:
-        return "other"
-    _MODEL_LABELS.add(model)
-    return model
+    def record(self, cap: int) -> None:
+        self._unlogged += 1
+        now = self._clock()
+        if self._next_at is not None and now < self._next_at:
+            return
+        logger.warning(
+            "refused %d ext_proc stream(s) with RESOURCE_EXHAUSTED: %d streams are open, the --max-streams cap; "
+            "next report in %gs at the earliest", self._unlogged, cap, self._every,
+        )
+        self._unlogged = 0
+        self._next_at = now + self._every
 
 
 def _usage_of_response(response: HttpMessage) -> Usage | None:

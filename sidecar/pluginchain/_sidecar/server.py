@@ -10,7 +10,8 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -92,6 +93,8 @@ class SidecarSettings:
     metrics_port: int | None = DEFAULTS.metrics_port
     """Prometheus /metrics port; None disables it, 0 picks a free one."""
     limits: Limits = field(default_factory=Limits)
+    max_streams: int = DEFAULTS.max_streams
+    """Concurrent ext_proc streams served; one more is refused with RESOURCE_EXHAUSTED."""
     grace: float = DEFAULTS.grace_seconds
     """Seconds in-flight streams get to finish after SIGTERM."""
     reload_interval: float = DEFAULTS.reload_interval_seconds
@@ -118,6 +121,8 @@ class SidecarSettings:
     a restarted sidecar waits for the operator with the ``config`` plan or none."""
 
     def __post_init__(self) -> None:
+        if self.max_streams < 1:
+            raise ValueError(f"--max-streams must be at least 1, got {self.max_streams}")
         if self.config_port is None:
             pushed_only = {
                 "--token-file": self.token_file, "--tls-cert": self.tls_cert, "--tls-key": self.tls_key,
@@ -146,8 +151,10 @@ class SidecarSettings:
 class Sidecar:
     """A running sidecar; ``start`` it, then ``drain`` it."""
 
-    def __init__(self, settings: SidecarSettings):
+    def __init__(self, settings: SidecarSettings, *, clock: Callable[[], float] = time.monotonic):
+        """``clock``: monotonic seconds, which space the log lines of refused streams."""
         self.settings = settings
+        self._clock = clock
         self.registry = default_registry(settings.plugin_modules)
         self.watcher: ChainFileWatcher | None = None
         self.config_service: ConfigService | None = None
@@ -221,10 +228,14 @@ class Sidecar:
             # No SO_REUSEPORT (gRPC's default): a second sidecar on the port must fail to start
             # rather than take a share of Envoy's streams while serving another plan.
             ("grpc.so_reuseport", 0),
+            # No grpc.max_concurrent_streams: it caps streams per HTTP/2 connection, and Envoy
+            # carries them all on one or a few, so the streams beyond it would wait unseen in
+            # Envoy instead of being refused. The cap is ExternalProcessor's ``max_streams``,
+            # which refuses at once and leaves the health service out of the count.
         ]
         server = grpc.aio.server(options=options)
         self._server = server
-        self._processor = ExternalProcessor(self.plans, limits)
+        self._processor = ExternalProcessor(self.plans, limits, self.settings.max_streams, self._clock)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self._processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = _bind_grpc(server, self.settings.host, self.settings.port, "ext_proc, --sidecar-port")

@@ -1,13 +1,15 @@
 """What the limiters (``rate_limiter``, ``token_limiter``) share: the ``key`` forms and the bucket
-names hashed from them, how a bucket is carried over to a changed rate, the Redis connection
-pool, and the spacing of backend-error warnings."""
+names hashed from them, how a bucket is carried over to a changed rate, the Redis script calls
+held to one deadline, and the spacing of backend-error warnings."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -17,8 +19,8 @@ from pluginchain._api.plugin import PluginData
 
 REDIS_MAX_CONNECTIONS = 32
 """Connections one ``redis`` limiter opens at most; decisions beyond that many at once queue for
-a connection (within ``redis_timeout``). A decision is one short script call, so a few
-connections carry thousands of decisions per second."""
+a connection, within the decision's ``redis_timeout``. A decision is one short script call, so a
+few connections carry thousands of decisions per second."""
 
 WARNING_INTERVAL = 10.0
 """Seconds between two backend-error warnings of one instance, so an outage is not a log flood."""
@@ -147,11 +149,11 @@ def check_backend_has_its_url(backend: str, redis_url: str | None) -> None:
 
 
 def redis_client(url: str, timeout: float) -> Redis:
-    """A client on a bounded pool of :data:`REDIS_MAX_CONNECTIONS` that makes a burst wait (up to
-    ``timeout``) for a connection: redis-py's default pool refuses the connection past its
-    maximum at once, and ``on_backend_error: allow`` would then admit the whole burst. Every
-    socket operation is bounded by ``timeout`` too, and nothing is retried: a retry would outlast
-    it, and ``on_backend_error`` covers failure."""
+    """A client on a bounded pool of :data:`REDIS_MAX_CONNECTIONS` that makes a burst wait for a
+    connection: redis-py's default pool refuses the connection past its maximum at once, and
+    ``on_backend_error: allow`` would then admit the whole burst. Its own waits (for a connection,
+    on a socket) are bounded by ``timeout`` too, so that a call given up on by :class:`RedisScript`
+    ends soon, and nothing is retried: ``on_backend_error`` covers failure."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
@@ -161,6 +163,54 @@ def redis_client(url: str, timeout: float) -> Redis:
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)
+
+
+class RedisScript:
+    """One Lua script of a limiter on its own Redis client, each call held to one deadline of
+    ``timeout`` seconds from the moment it is made: the wait for a free connection, connecting,
+    sending and the answer together. Past it the call raises TimeoutError at once.
+
+    redis-py bounds each of those waits by the timeout separately, so that a decision queued
+    behind :data:`REDIS_MAX_CONNECTIONS` others could take about twice ``redis_timeout``; and a
+    deadline cancelled into redis-py's own clean-up (closing a socket, handing a connection back)
+    waits for that too. So the call runs as a task of its own that the caller stops waiting for
+    at the deadline; it is cancelled then, and its clean-up finishes in the background (at most
+    about ``timeout`` later, by the pool's own bounds), awaited by :meth:`aclose`."""
+
+    __slots__ = ("_redis", "_script", "_timeout", "_abandoned")
+
+    def __init__(self, url: str, timeout: float, script: str):
+        self._redis = redis_client(url, timeout)
+        self._script = self._redis.register_script(script)
+        self._timeout = timeout
+        self._abandoned: set[asyncio.Future[Any]] = set()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+        """The script's answer; raises RedisError, OSError or TimeoutError when there is none in time."""
+        call = asyncio.ensure_future(self._script(keys=list(keys), args=list(args)))
+        deadline = asyncio.timeout(self._timeout)
+        try:
+            async with deadline:
+                return await asyncio.shield(call)
+        except TimeoutError:
+            if deadline.expired():
+                raise TimeoutError(f"no answer within {self._timeout:g}s") from None
+            raise
+        finally:
+            if not call.done():  # the deadline passed, or the request was cancelled
+                call.cancel()
+                self._abandoned.add(call)
+                call.add_done_callback(self._forget)
+
+    def _forget(self, call: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved, so asyncio does not log it: the caller reported the timeout
+
+    async def aclose(self) -> None:
+        if self._abandoned:
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
+        await self._redis.aclose()
 
 
 class WarningSpacing:

@@ -83,6 +83,7 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._metrics import AUDIT_RECORDS
+from pluginchain.plugins._call_failures import describe_error, safe_endpoint, traceback_if_debug
 from pluginchain.plugins._http import check_http_url
 from pluginchain.plugins._limits import WarningSpacing
 from pluginchain.plugins.external_validator import SECRET_HEADERS
@@ -443,9 +444,10 @@ class _Sink(ABC):
             if suppressed is not None:
                 logger.warning(
                     "audit log %s sink failed, %d records lost: %s%s", self.kind, len(batch),
-                    error if isinstance(error, _SinkFailed) else f"{type(error).__name__}: {error}",
+                    error if isinstance(error, _SinkFailed) else describe_error(error),
                     f" ({suppressed} similar warnings suppressed)" if suppressed else "",
                     extra={"chain": self._chain, "plugin": self._plugin},
+                    exc_info=traceback_if_debug(logger, error),
                 )
         else:
             self._count("written", len(batch))
@@ -529,9 +531,8 @@ class _HttpSink(_Sink):
         config = owner.config
         self.linger = config.flush_interval
         self._url = url
-        parts = urlsplit(url)
-        self._safe_url = f"{parts.scheme}://{parts.netloc}{parts.path}"
-        """For messages: no query, which may hold a token."""
+        self._safe_url = safe_endpoint(url)
+        """For messages: no user info or query, which may hold a token."""
         self._timeout = config.http_timeout
         self._retries = config.http_retries
         self._headers = {"content-type": "application/json", "user-agent": "pluginchain-audit-log", **config.http_headers}
@@ -551,20 +552,22 @@ class _HttpSink(_Sink):
         attempts = 0
         while True:
             attempts += 1
+            last_error: Exception | None
             try:
                 async with asyncio.timeout(self._timeout):
                     response = await self._client.post(self._url, content=body)
-            except TimeoutError:
-                cause, retry = f"no answer within {self._timeout:g}s", True
+            except TimeoutError as error:
+                cause, retry, last_error = f"no answer within {self._timeout:g}s", True, error
             except httpx.TransportError as error:
-                cause, retry = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__, True
+                cause, retry, last_error = describe_error(error, self._url), True, error
             else:
                 status = response.status_code
                 if 200 <= status < 300:
                     return
-                cause, retry = f"HTTP {status}", status == 429 or status >= 500
+                cause, retry, last_error = f"HTTP {status}", status == 429 or status >= 500, None
             if not retry or attempts > self._retries:
-                raise _SinkFailed(f"POST {self._safe_url} failed after {attempts} attempt(s): {cause}")
+                # The transport error is chained for the DEBUG traceback; the message says enough.
+                raise _SinkFailed(f"POST {self._safe_url} failed after {attempts} attempt(s): {cause}") from last_error
             await asyncio.sleep(_RETRY_BACKOFF * 2 ** (attempts - 1))
 
     async def _release(self) -> None:

@@ -79,6 +79,7 @@ from pluginchain._api.plugin import (
     Reject,
     Stage,
 )
+from pluginchain.plugins._call_failures import describe_error, traceback_if_debug
 from pluginchain.plugins._http import check_http_url
 from pluginchain.plugins._secrets import SecretFile, SecretFileProblem
 
@@ -521,9 +522,9 @@ class _RemoteJwks:
         try:
             keys = await self._download()
         except SecretFileProblem as problem:
-            self._report(str(problem))
+            self._report(str(problem), problem)
         except Exception as error:  # a background task: nobody else would hear of it
-            self._report(f"could not be fetched ({type(error).__name__})")
+            self._report(f"could not be fetched ({describe_error(error, self.url)})", error)
         else:
             self._keys = keys
             self._fetched_at = self._clock()
@@ -555,17 +556,22 @@ class _RemoteJwks:
         except TimeoutError:
             raise SecretFileProblem(f"did not answer within {self._timeout:g}s") from None
         except (httpx.HTTPError, OSError) as error:
-            raise SecretFileProblem(f"cannot be fetched ({type(error).__name__})") from None
+            # Chained for the DEBUG traceback; the message says enough at any other level.
+            raise SecretFileProblem(f"cannot be fetched ({describe_error(error, self.url)})") from error
         return _parse_jwks(bytes(body))
 
-    def _report(self, problem: str) -> None:
+    def _report(self, problem: str, error: BaseException) -> None:
+        """One line when the problem is new (the same one again is not news); the traceback at DEBUG only."""
         if problem == self._problem:
             return
         self._problem = problem
+        exc_info = traceback_if_debug(logger, error)
         if self._keys is None:
-            logger.error("JWKS from %s %s; JWTs are refused until it can be fetched", self._safe_url, problem)
+            logger.error("JWKS from %s %s; JWTs are refused until it can be fetched", self._safe_url, problem, exc_info=exc_info)
         else:
-            logger.warning("JWKS from %s %s; keeping the %d keys fetched before", self._safe_url, problem, len(self._keys.keys))
+            logger.warning(
+                "JWKS from %s %s; keeping the %d keys fetched before", self._safe_url, problem, len(self._keys.keys), exc_info=exc_info
+            )
 
 
 # --- The plugin --------------------------------------------------------------------------------

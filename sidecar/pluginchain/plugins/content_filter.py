@@ -39,8 +39,10 @@ through that the filter could read one way while the upstream reads it another:
   one path elsewhere;
 - an event-stream response buffered whole is read ``data:`` event by ``data:`` event (``[DONE]``
   skipped); a streamed one is judged event by event as it passes (see below);
-- a gzip or deflate body is inflated first (and deflated again after redaction); a body in
-  another content-encoding cannot be inspected and is never let through unread (the sidecar asks
+- a gzip or deflate body is inflated first (and deflated again after redaction), up to
+  ``max_inflated_bytes`` (a prompt that inflates past it is refused with 413 ``body_too_large``
+  as soon as it does; large bodies are inflated off the event loop); a body in another
+  content-encoding cannot be inspected and is never let through unread (the sidecar asks
   upstreams for readable codings only, see :mod:`pluginchain.plugins._content_coding`);
 - any other body is matched as text: a prompt must be UTF-8 (else 400 ``invalid_utf8``) unless
   its content type declares a binary format (``multipart/form-data``, ``audio/*``...), which is
@@ -94,7 +96,13 @@ from pluginchain._api.plugin import (
     parse_json,
 )
 from pluginchain._api.stream import StreamEvent, StreamMode, TextChannel
-from pluginchain.plugins._content_coding import UnreadableBody, deflate, inflate
+from pluginchain.plugins._content_coding import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    BodyInflatesTooLarge,
+    UnreadableBody,
+    deflate_off_loop,
+    inflate_off_loop,
+)
 from pluginchain.plugins._llm_text import (
     CONVERSATION,
     EventStream,
@@ -175,6 +183,10 @@ class ContentFilterConfig(PluginConfig):
     """On a streamed completion, the characters of text kept back from the client when a pattern
     has no longest match (``a+``, ``.*``; default 256): a match longer than this may be partly
     sent before it is complete. Patterns with a bounded match keep back exactly what they need."""
+    max_inflated_bytes: int = Field(default=DEFAULT_MAX_INFLATED_BYTES, gt=0)
+    """Largest size a gzip or deflate body may inflate to, in bytes (default 4194304, the
+    sidecar's default ``--max-body-bytes``; raise it with that). A prompt past it is refused with
+    413 ``body_too_large`` as soon as inflation passes it; a completion past it fails the plugin."""
 
     @field_validator("banned_patterns")
     @classmethod
@@ -255,7 +267,7 @@ class ContentFilter(Plugin):
     Config = ContentFilterConfig
     stages = frozenset({Stage.PRE_REQUEST, Stage.POST_REQUEST})
     supports_parallel = True
-    suspends = False  # pure computation: the engine runs it inline
+    suspends = True  # a large compressed body is inflated in a worker thread, awaited
     reads_body = True
     streams = frozenset({StreamMode.EVENTS})
 
@@ -275,7 +287,7 @@ class ContentFilter(Plugin):
         return Needs(
             request_body=self.stage is Stage.PRE_REQUEST,
             response_body=self.stage is Stage.POST_REQUEST,
-            suspends=False,
+            suspends=True,
             stream=StreamMode.EVENTS,
             holdback=self._holdback,
         )
@@ -291,9 +303,9 @@ class ContentFilter(Plugin):
         encoding = headers.get("content-encoding", "").strip().lower()
         compressed = encoding not in ("", "identity")
         try:
-            plain = inflate(body, encoding) if compressed else body
+            plain = await inflate_off_loop(body, encoding, self.config.max_inflated_bytes) if compressed else body
         except UnreadableBody as error:
-            raise self._uninspectable(error, 415) from None
+            raise self._uninspectable(error, 413 if isinstance(error, BodyInflatesTooLarge) else 415) from None
 
         prompt = self.stage is Stage.PRE_REQUEST
         # Only an upstream's stream is read as one: a client could label any request an event
@@ -322,7 +334,7 @@ class ContentFilter(Plugin):
                     return
                 new_plain = _dump_json(new_document).encode()
         if new_plain is not None:
-            data.set_body(deflate(new_plain, encoding) if compressed else new_plain)
+            data.set_body(await deflate_off_loop(new_plain, encoding) if compressed else new_plain)
 
     def _judge_event(self, data: PluginData, event: StreamEvent) -> None:
         """One event of a streamed completion: the pending text of each channel, or, for an
@@ -388,7 +400,7 @@ class ContentFilter(Plugin):
         ``status`` and the code the error names; a response fails the plugin (``on_error``
         decides)."""
         if self.stage is Stage.PRE_REQUEST:
-            code = error.code if isinstance(error, BodyUninspectable) else "uninspectable_body"
+            code = error.code if isinstance(error, (BodyUninspectable, UnreadableBody)) else "uninspectable_body"
             return Reject(status, f"content_filter: {error}", code=code, type="invalid_request_error")
         return error
 

@@ -18,13 +18,20 @@ deeper than :data:`pluginchain.MAX_JSON_DEPTH` (code ``json_depth``), an object 
 are not UTF-8 or a lone surrogate escape (``invalid_utf8``); with ``require_json: false`` also
 a body declared as JSON (``application/json``, ``*/*+json``) or looking like it (first byte
 ``{`` or ``[``) that does not parse, e.g. with bytes after the document (``uninspectable_body``).
-A gzip or deflate request body is not inflated: it fails ``require_json``.
+
+A gzip or deflate request body is inflated first, as ``content_filter`` does, and its JSON
+judged: up to ``max_inflated_bytes`` (past it 413 ``body_too_large``, as soon as inflation passes
+it; large bodies are inflated off the event loop). ``max_body_bytes`` counts the body as
+received. A body in another coding (``br``, ``zstd``), or a corrupt one, cannot be read: it
+fails ``require_json``; with ``require_json: false`` it passes unless it is declared JSON
+(``uninspectable_body``).
 Messages and characters are counted as :mod:`pluginchain.plugins._llm_text` defines them, so
 the validator and ``content_filter`` agree on what the conversation is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -40,7 +47,9 @@ from pluginchain._api.plugin import (
     PluginData,
     Reject,
     Stage,
+    parse_json,
 )
+from pluginchain.plugins._content_coding import DEFAULT_MAX_INFLATED_BYTES, BodyInflatesTooLarge, UnreadableBody, inflate_off_loop
 from pluginchain.plugins._llm_text import conversation_chars, declares_or_looks_like_json, message_count
 
 _ECHO_LIMIT = 100
@@ -74,6 +83,10 @@ class ContentValidatorConfig(PluginConfig):
     required_fields: tuple[FieldPath, ...] | None = None
     """Fields a JSON request must have, not null: top-level keys or dotted paths through nested
     objects such as ``metadata.user`` (default: none)."""
+    max_inflated_bytes: int = Field(default=DEFAULT_MAX_INFLATED_BYTES, gt=0)
+    """Largest size a gzip or deflate body may inflate to, in bytes (default 4194304, the
+    sidecar's default ``--max-body-bytes``; raise it with that); past it 413 ``body_too_large``.
+    Not a rule: it applies whichever rules are set."""
 
     @field_validator("allowed_models", "required_fields")
     @classmethod
@@ -101,7 +114,7 @@ class ContentValidator(Plugin):
     Config = ContentValidatorConfig
     stages = frozenset({Stage.PRE_REQUEST})
     supports_parallel = True
-    suspends = False  # pure computation: the engine runs it inline
+    suspends = True  # a large compressed body is inflated in a worker thread, awaited
     reads_body = True
 
     config: ContentValidatorConfig
@@ -115,7 +128,14 @@ class ContentValidator(Plugin):
             raise _rejection(
                 "max_body_bytes", f"body of {len(body)} bytes exceeds the limit of {config.max_body_bytes} bytes", 413
             )
-        document = self._json_object(data)
+        encoding = data.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            document = self._json_object(data.headers, body, data.json)
+        else:
+            plain = await self._inflated(data.headers, body, encoding)
+            if plain is None:
+                return
+            document = self._json_object(data.headers, plain, lambda: parse_json(plain))
         if document is None:
             return
         if config.required_fields:
@@ -135,24 +155,35 @@ class ContentValidator(Plugin):
             if chars > config.max_chars:
                 raise _rejection("max_chars", f"{chars} characters exceed the limit of {config.max_chars}")
 
-    def _json_object(self, data: PluginData) -> dict | None:
+    async def _inflated(self, headers: Mapping[str, str], body: bytes, encoding: str) -> bytes | None:
+        """The body inflated from ``encoding``; None when it cannot be read and need not be."""
         try:
-            document = data.json()
+            return await inflate_off_loop(body, encoding, self.config.max_inflated_bytes)
+        except BodyInflatesTooLarge as error:
+            raise _rejection("body_too_large", str(error), 413) from None
+        except UnreadableBody as error:
+            if self.config.require_json:
+                raise _rejection("require_json", f"{_clip(str(error))}; send JSON plain, gzip- or deflate-encoded") from None
+            if declares_or_looks_like_json(headers, b""):  # by its content type: the bytes are compressed
+                raise _rejection("uninspectable_body", _clip(str(error))) from None
+            return None  # not JSON, and no rule reads text
+
+    def _json_object(self, headers: Mapping[str, str], body: bytes, parse: Callable[[], Any]) -> dict | None:
+        """``body`` (plain, ``parse`` decoding it) as the JSON object the rules read; None when it
+        is none and ``require_json`` is off."""
+        try:
+            document = parse()
         except BodyTooDeep as error:
             # Whatever the rules: skipping them would let the upstream, which may parse it, get it unchecked.
             raise _rejection("json_depth", str(error)) from None
         except BodyUninspectable as error:
-            if isinstance(error, BodyNotUTF8):
-                encoding = data.headers.get("content-encoding", "").strip().lower()
-                if encoding not in ("", "identity") and self.config.require_json:
-                    raise _rejection("require_json", f"body is {_clip(encoding)}-encoded; send JSON without a content-encoding") from None
-                if not self.config.require_json and not declares_or_looks_like_json(data.headers, data.body or b""):
-                    return None  # not JSON, and no rule reads text
+            if isinstance(error, BodyNotUTF8) and not self.config.require_json and not declares_or_looks_like_json(headers, body):
+                return None  # not JSON, and no rule reads text
             raise _rejection(error.code, _clip(str(error))) from None
         except BodyNotJSON as error:
             if self.config.require_json:
                 raise _rejection("require_json", _clip(str(error))) from None
-            if declares_or_looks_like_json(data.headers, data.body or b""):
+            if declares_or_looks_like_json(headers, body):
                 raise _rejection("uninspectable_body", _clip(str(error))) from None
             return None
         if isinstance(document, dict):

@@ -43,6 +43,10 @@ How the answer is read:
   (``{"error": {"message", "code"}}``, ``{"message"}`` or ``{"detail"}``) or else from the text
   (at most 1 KiB); the code from the JSON, else ``external_validation_failed``. Never retried.
 - anything else (3xx, redirects are not followed): :class:`ExternalValidatorUnavailable`.
+
+A request the validator could not judge is one warning line (the plugin failure), naming the
+endpoint without credentials or query and the last cause (``ConnectError: All connection
+attempts failed``); retries and the traceback are logged at DEBUG only.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from pluginchain._api.plugin import (
     Stage,
 )
 from pluginchain._api.stream import StreamMode
+from pluginchain.plugins._call_failures import describe_error, safe_endpoint
 from pluginchain.plugins._http import check_http_url
 from pluginchain.plugins._secrets import is_credential_name, without_credential_parameters
 
@@ -228,7 +233,7 @@ class ExternalValidator(Plugin):
 
     def __init__(self, config: ExternalValidatorConfig, settings: InstanceSettings):
         super().__init__(config, settings)
-        self._safe_url = _without_secrets(config.url)
+        self._safe_url = safe_endpoint(config.url)
         self._request_url, self._auth = _split_credentials(config.url)
         self._send_headers = "headers" in config.send
         self._send_body = "body" in config.send
@@ -307,7 +312,7 @@ class ExternalValidator(Plugin):
                 async with asyncio.timeout(config.timeout):
                     response = await client.post(self._request_url, json=payload)
             except (httpx.TransportError, TimeoutError) as error:
-                cause = _describe_error(error, config.timeout)
+                cause = _describe_error(error, config.timeout, self._request_url)
                 last_error: BaseException | None = error
             else:
                 status = response.status_code
@@ -384,11 +389,10 @@ def _as_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _describe_error(error: BaseException, timeout: float) -> str:
+def _describe_error(error: BaseException, timeout: float, url: str) -> str:
     if isinstance(error, (TimeoutError, httpx.TimeoutException)):
         return f"no answer within {timeout:g}s"
-    detail = str(error)
-    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    return describe_error(error, url)
 
 
 def _split_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
@@ -404,11 +408,3 @@ def _split_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
     return parts._replace(netloc=netloc).geturl(), auth
 
 
-def _without_secrets(url: str) -> str:
-    """``url`` fit for logs and error messages: no user info, no query (either may hold a token)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"

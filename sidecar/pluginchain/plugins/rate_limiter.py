@@ -37,7 +37,6 @@ Redis or memory dumps in the clear.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import weakref
@@ -45,7 +44,6 @@ from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pluginchain._api.durations import Duration, format_duration
@@ -65,6 +63,7 @@ from pluginchain.plugins._limits import (
     LUA_READ_TAT,
     LUA_TAT_FORMAT,
     BucketNames,
+    RedisScript,
     WarningSpacing,
     carried_over,
     check_backend_has_its_url,
@@ -72,7 +71,6 @@ from pluginchain.plugins._limits import (
     key_header,
     key_value,
     parse_key,
-    redis_client,
 )
 from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS as REDIS_MAX_CONNECTIONS
 
@@ -103,8 +101,9 @@ class RateLimiterConfig(PluginConfig):
     otherwise (a URL with the memory backend would silently give each replica its own limit)."""
 
     redis_timeout: Duration = 0.25
-    """How long one decision may wait for Redis before ``on_backend_error`` applies. Default 250ms,
-    small against a request's latency budget."""
+    """How long one decision may wait for Redis before ``on_backend_error`` applies: one deadline
+    for all of it, the wait for a free connection when many decisions queue included. Default
+    250ms, small against a request's latency budget."""
 
     on_backend_error: Literal["allow", "deny"] = "allow"
     """What happens to a request when Redis fails or times out: ``allow`` (default; an outage of
@@ -265,7 +264,7 @@ class RateLimiter(Plugin):
         )
         self._warnings = WarningSpacing(self._clock)
         self._memory: _MemoryBuckets | None = None
-        self._redis: Redis | None = None
+        self._redis: RedisScript | None = None
         if config.backend == "memory":
             store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
             self._memory = _MEMORY_STORES.get(store_key)
@@ -273,8 +272,7 @@ class RateLimiter(Plugin):
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
         else:
             assert config.redis_url is not None
-            self._redis = redis_client(config.redis_url, config.redis_timeout)
-            self._script = self._redis.register_script(_GCRA_SCRIPT)
+            self._redis = RedisScript(config.redis_url, config.redis_timeout, _GCRA_SCRIPT)
 
     def needs(self) -> Needs:
         # In memory a decision never awaits, so the engine may run it inline.
@@ -320,9 +318,9 @@ class RateLimiter(Plugin):
         args = [self._interval, self._capacity]
         if self._redis_clock is not None:
             args.append(_micros(self._redis_clock()))
+        assert self._redis is not None
         try:
-            async with asyncio.timeout(self.config.redis_timeout):
-                admitted, until_full = await self._script(keys=[bucket], args=args)
+            admitted, until_full = await self._redis([bucket], args)
             return _Verdict(bool(admitted), int(until_full))
         except (RedisError, OSError, TimeoutError) as error:
             deny = self.config.on_backend_error == "deny"
@@ -346,7 +344,7 @@ class RateLimiter(Plugin):
         ctx.logger.warning(
             "rate limiter backend failed (%s: %s); %s the request per on_backend_error%s",
             type(error).__name__,
-            error or "timed out",
+            str(error) or "timed out",
             "denied" if deny else "allowed",
             f" ({suppressed} similar warnings suppressed)" if suppressed else "",
         )

@@ -66,7 +66,6 @@ addresses never reach Redis or memory dumps in the clear.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
 from collections.abc import Callable
@@ -74,7 +73,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pluginchain._api.durations import Duration, format_duration
@@ -97,6 +95,7 @@ from pluginchain.plugins._limits import (
     LUA_TAT_FORMAT,
     BucketNames,
     Rate,
+    RedisScript,
     WarningSpacing,
     carried_over,
     check_backend_has_its_url,
@@ -104,7 +103,6 @@ from pluginchain.plugins._limits import (
     key_header,
     key_value,
     parse_key,
-    redis_client,
 )
 
 _MICROS = 1_000_000
@@ -164,8 +162,9 @@ class TokenLimiterConfig(PluginConfig):
     otherwise (a URL with the memory backend would silently give each replica its own limit)."""
 
     redis_timeout: Duration = 0.25
-    """How long one check or charge may wait for Redis (a pooled connection included). Default
-    250ms, small against a request's latency budget."""
+    """How long one check or charge may wait for Redis: one deadline for all of it, the wait for
+    a free connection when many decisions queue included. Default 250ms, small against a
+    request's latency budget."""
 
     on_backend_error: Literal["allow", "deny"] = "allow"
     """What happens to a request when Redis fails or times out on its check: ``allow`` (default;
@@ -398,7 +397,7 @@ class TokenLimiter(Plugin):
         """Where execute leaves the request's _Admission for finish (in the request's metadata)."""
         self._warnings = WarningSpacing(self._clock)
         self._memory: _MemoryBuckets | None = None
-        self._redis: Redis | None = None
+        self._redis: RedisScript | None = None
         if config.backend == "memory":
             store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
             self._memory = _MEMORY_STORES.get(store_key)
@@ -406,8 +405,7 @@ class TokenLimiter(Plugin):
                 self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
         else:
             assert config.redis_url is not None
-            self._redis = redis_client(config.redis_url, config.redis_timeout)
-            self._script = self._redis.register_script(_TOKEN_SCRIPT)
+            self._redis = RedisScript(config.redis_url, config.redis_timeout, _TOKEN_SCRIPT)
 
     def needs(self) -> Needs:
         # In memory nothing awaits, so the engine may run the check inline.
@@ -551,8 +549,8 @@ class TokenLimiter(Plugin):
         args: list[int | str] = ["" if threshold is None else threshold, delta, _MAX_DEBT, *rate]
         if self._redis_clock is not None:
             args.append(_micros(self._redis_clock()))
-        async with asyncio.timeout(self.config.redis_timeout):
-            admitted, before, after = await self._script(keys=[bucket], args=args)
+        assert self._redis is not None
+        admitted, before, after = await self._redis([bucket], args)
         return _Verdict(bool(admitted), int(before), int(after))
 
     def _warn_backend_error(self, ctx: PluginContext, error: Exception, outcome: str) -> None:
@@ -563,7 +561,7 @@ class TokenLimiter(Plugin):
         ctx.logger.warning(
             "token limiter backend failed (%s: %s); %s%s",
             type(error).__name__,
-            error or "timed out",
+            str(error) or "timed out",
             outcome,
             f" ({suppressed} similar warnings suppressed)" if suppressed else "",
         )
