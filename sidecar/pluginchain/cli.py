@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     envoy_config.add_argument("--upstream", default="http://127.0.0.1:8000", metavar="URL")
     envoy_config.add_argument("--sidecar-port", type=int, default=DEFAULTS.ext_proc_port)
     envoy_config.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes)
+    envoy_config.add_argument("--max-streams", type=int, default=DEFAULTS.max_streams, metavar="N",
+                              help=f"the sidecar's --max-streams, for Envoy's circuit breaker (default {DEFAULTS.max_streams})")
     _add_envoy_options(envoy_config)
 
     # The operator's modules (and kopf) load only when these commands run: a sidecar never needs them.
@@ -230,6 +232,7 @@ def _envoy_settings(args: argparse.Namespace, sidecar_port: int) -> EnvoySetting
         max_body_bytes=args.max_body_bytes,
         message_timeout=args.message_timeout,
         upstream_timeout=args.upstream_timeout,
+        max_streams=args.max_streams,
     )
 
 

@@ -14,8 +14,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from pluginchain._sidecar.envoy_config import EnvoySettings, render
+from pluginchain._sidecar.gateway import EnvoyProcess, GatewayFailed
 from tests.support.harness import BIN, ROOT, free_port, sidecar_serving, wait_until
 
 
@@ -106,6 +109,21 @@ def test_a_taken_admin_port_fails_the_gateway_with_one_line_naming_it(started):
     assert "Traceback" not in err
 
 
+async def test_the_gateway_never_takes_another_envoy_for_its_own():
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImpostorAdmin)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    admin_port = impostor.server_address[1]
+    envoy = EnvoyProcess(render(EnvoySettings(upstream="http://127.0.0.1:9", admin_port=admin_port)))
+    try:
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(GatewayFailed, match=f"another Envoy already answers on admin port {admin_port}"):
+                await envoy._check_it_is_ours(client, f"http://127.0.0.1:{admin_port}")
+    finally:
+        await envoy.stop()
+        impostor.shutdown()
+        impostor.server_close()
+
+
 def test_a_bad_log_level_is_refused_with_the_choices():
     result = subprocess.run(
         [str(BIN / "pluginchain"), "gateway", "--config", "examples/chain.yaml", "--upstream", "http://127.0.0.1:9", "--log-level", "verbose"],
@@ -161,5 +179,5 @@ def test_a_second_gateway_on_a_taken_listener_port_exits_instead_of_sharing_it(s
     assert second.returncode == 1
     assert "is up" not in out
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "envoy exited" in errors[0], err
+    assert len(errors) == 1 and f":{port} (Envoy, --port)" in errors[0], err
     assert first.poll() is None

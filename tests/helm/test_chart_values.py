@@ -145,3 +145,10 @@ def test_secret_mounts_reach_the_sidecar_read_only_and_nothing_else():
     assert {"name": "llm-keys", "secret": {"secretName": "llm-gateway-keys", "defaultMode": 0o440}} in pod["volumes"]
     envoy = container({"spec": {"template": {"spec": pod}}}, "envoy")
     assert all(mount["name"] != "llm-keys" for mount in envoy["volumeMounts"])
+
+
+def test_max_streams_caps_the_sidecar_and_opens_envoys_circuit_breaker_as_wide():
+    rendered = render({"gateway": {"sidecar": {"maxStreams": 512}}})
+    assert "--max-streams=512" in container(rendered.deployment("gateway"), "sidecar")["args"]
+    [sidecar_cluster] = [c for c in rendered.envoy_config()["static_resources"]["clusters"] if c["name"] == "pluginchain_sidecar"]
+    assert sidecar_cluster["circuit_breakers"] == {"thresholds": [{"max_requests": 512}]}

@@ -30,9 +30,9 @@ CASES = {
     "plain-http-on-other-ports": (
         {"gateway": {"upstream": "http://10.0.0.7:8000/", "maxBodyBytes": 65536,
                      "routes": [{"prefix": "/", "chain": "everything"}],
-                     "envoy": {"port": 9000, "adminPort": 9903, "readyPort": 9904}, "sidecar": {"extProcPort": 50061}}},
+                     "envoy": {"port": 9000, "adminPort": 9903, "readyPort": 9904}, "sidecar": {"extProcPort": 50061, "maxStreams": 512}}},
         EnvoySettings(upstream="http://10.0.0.7:8000/", listen_port=9000, admin_port=9903, ready_port=9904,
-                      sidecar_port=50061, routes=(("/", "everything"),), max_body_bytes=65536),
+                      sidecar_port=50061, routes=(("/", "everything"),), max_body_bytes=65536, max_streams=512),
     ),
 }
 

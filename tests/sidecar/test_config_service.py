@@ -159,6 +159,18 @@ async def test_a_pushed_chain_set_changes_what_ext_proc_does(start_pushable, tmp
     assert json.loads(state.read_text())["chain_set"]["version"] == "5"
 
 
+async def test_a_pushed_set_without_a_default_chain_is_applied_with_a_warning_naming_the_consequence(start_pushable, caplog):
+    pushable = await start_pushable()
+    plugins = [entry("stamp", {"value": "premium"})]
+    reply = await pushable.apply(config_pb2.ChainSet(version=1, chains=[config_pb2.Chain(name="premium", plugins=plugins)]))
+    assert reply.changed
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "pluginchain.config"]
+    assert "pushed version 1 has no chain named 'default' (chains defined: 'premium')" in warning
+    assert "500 unknown_chain" in warning
+    [unrouted] = await pushable.send(None)
+    assert unrouted.immediate_response.status.code == 500
+
+
 async def test_an_entry_without_enabled_runs_like_a_chain_file_entry(start_pushable):
     pushable = await start_pushable()
     plugins = [entry("stamp", {"value": "on"}), entry("stamp", {"header": "x-off"}, id="off", enabled=False)]

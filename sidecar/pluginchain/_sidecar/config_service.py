@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from pluginchain._config.issues import ConfigError, ConfigIssue
 from pluginchain._config.models import ValidatedChain
 from pluginchain._config.registry import PluginRegistry
+from pluginchain._config.validation import missing_default_chain
 from pluginchain._config.wire import chain_to_wire, validate_chain_set, wire_sources
 from pluginchain._engine.plan import Plan
 from pluginchain._metrics import PUSHES
@@ -375,6 +376,10 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
             "applied pushed version %d (was %d, %s): chains %s",
             version, active.version, active.origin, ", ".join(chains) or "none",
         )
+        # Not refused: a pushed set grows one PluginChain at a time, and routes may all name theirs.
+        missing_default = missing_default_chain(chains)
+        if missing_default is not None:
+            logger.warning("pushed version %d has %s", version, missing_default)
         if self._on_applied is not None:
             await self._on_applied()
         return config_pb2.ApplyResponse(active_version=version, changed=True)

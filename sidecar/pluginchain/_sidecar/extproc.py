@@ -49,7 +49,7 @@ from pluginchain._engine.streaming import ResponseStream
 from pluginchain._engine.usage import ask_for_stream_usage, usage_of, usage_of_body
 from pluginchain._metrics import ERROR_CODES, MODELS, REQUESTS, TIME_TO_FIRST_TOKEN, TOKENS, UPSTREAM_LATENCY
 from pluginchain._sidecar.plans import PlanHolder
-from pluginchain.plugins._content_coding import UnreadableBody, inflate, readable_accept_encoding
+from pluginchain.plugins._content_coding import UnreadableBody, inflate_off_loop, readable_accept_encoding
 
 logger = logging.getLogger("pluginchain.extproc")
 
@@ -470,7 +470,7 @@ class _Stream(_Exchanging):
 
     async def _post_request(self, response: HttpMessage) -> Reject | None:
         if response.body:
-            self.exchange.usage = _usage_of_response(response)
+            self.exchange.usage = await _usage_of_response(response, self.limits.max_body_bytes)
         status = response.headers.get(":status", "")
         if status.startswith("5"):
             failure = Failure("upstream", Stage.POST_REQUEST, "upstream", f"upstream answered {status}")
@@ -515,9 +515,10 @@ class _SpacedLog:
         self._next_at = now + self._every
 
 
-def _usage_of_response(response: HttpMessage) -> Usage | None:
+async def _usage_of_response(response: HttpMessage, limit: int) -> Usage | None:
     """The usage a buffered response body reports, read through its content coding (the JSON is
-    parsed once, for this and the plugins alike)."""
+    parsed once, for this and the plugins alike; a compressed body is inflated off the event loop,
+    at most ``limit`` bytes of it)."""
     coding = response.headers.get("content-encoding", "").strip().lower()
     if coding in ("", "identity"):
         try:
@@ -525,7 +526,7 @@ def _usage_of_response(response: HttpMessage) -> Usage | None:
         except BodyNotJSON:
             return None
     try:
-        return usage_of_body(inflate(response.body or b"", coding))
+        return usage_of_body(await inflate_off_loop(response.body or b"", coding, limit))
     except UnreadableBody:
         return None
 

@@ -25,6 +25,7 @@ from pluginchain._sidecar.envoy_config import EnvoySettings, render
 from pluginchain._sidecar.server import (
     Sidecar,
     SidecarSettings,
+    check_port_free,
     signal_handlers,
     tune_garbage_collection_for_serving,
 )
@@ -62,9 +63,9 @@ class EnvoyProcess:
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         self.process: asyncio.subprocess.Process | None = None
         self._config_dir = tempfile.TemporaryDirectory(prefix="pluginchain-envoy-")
+        self._config_path = Path(self._config_dir.name) / "envoy.yaml"
 
     async def start(self, timeout: float = 30.0) -> None:
-        self._config_path = Path(self._config_dir.name) / "envoy.yaml"
         self._config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         gateway = os.getpid()
         self.process = await asyncio.create_subprocess_exec(
@@ -124,6 +125,7 @@ class EnvoyProcess:
 async def run_gateway(sidecar_settings: SidecarSettings, envoy_settings: EnvoySettings) -> None:
     """Run Envoy and the sidecar until SIGINT or SIGTERM, then stop both. Raises
     :class:`GatewayFailed` when Envoy cannot start or exits on its own."""
+    _check_envoy_ports(envoy_settings)
     sidecar = Sidecar(sidecar_settings)
     with signal_handlers(sidecar) as stop:
         await sidecar.start()
@@ -143,6 +145,17 @@ async def run_gateway(sidecar_settings: SidecarSettings, envoy_settings: EnvoySe
         finally:
             await envoy.stop()
             await sidecar.drain()
+
+
+def _check_envoy_ports(settings: EnvoySettings) -> None:
+    """Each port Envoy will listen on is free, or the gateway stops here naming the one that is not
+    (Envoy itself would only exit, and its log names no flag)."""
+    ports = [(settings.listen_host, settings.listen_port, "--port"), (settings.admin_host, settings.admin_port, "--admin-port")]
+    if settings.ready_port is not None:
+        ports.append((settings.listen_host, settings.ready_port, "--ready-port"))
+    for host, port, flag in ports:
+        if port:
+            check_port_free(host, port, f"cannot listen on {host}:{port} (Envoy, {flag})")
 
 
 def _how_to_call(envoy: EnvoySettings, sidecar: Sidecar) -> str:

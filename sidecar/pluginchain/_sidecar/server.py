@@ -53,7 +53,7 @@ def _bind_grpc(server: grpc.aio.Server, host: str, port: int, what: str, credent
     address = f"{host}:{port}"
     if port:
         # Probed first: gRPC would also log a multi-line error of its own for a taken port.
-        _check_port_free(host, port, f"cannot listen on {address} ({what})")
+        check_port_free(host, port, f"cannot listen on {address} ({what})")
     try:
         if credentials is None:
             return server.add_insecure_port(address)
@@ -62,7 +62,8 @@ def _bind_grpc(server: grpc.aio.Server, host: str, port: int, what: str, credent
         raise PortUnavailable(f"cannot listen on {address} ({what}): the port is taken or the address is not this host's") from None
 
 
-def _check_port_free(host: str, port: int, failure: str) -> None:
+def check_port_free(host: str, port: int, failure: str) -> None:
+    """Raise :class:`PortUnavailable` (``failure``: the reason) unless ``host:port`` can be bound."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
