@@ -105,7 +105,7 @@ UPSTREAM_LATENCY = Histogram(
     ["chain"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
-RELOADS = Counter("pluginchain_config_reloads", "Config reload attempts by result: applied, invalid or unchanged.", ["result"])
+RELOADS = Counter("pluginchain_config_reloads", "Chain-file changes by result: applied or invalid.", ["result"])
 PLAN_VERSION = Gauge("pluginchain_config_version", "Version of the plan that serves new requests.")
 PUSHES = Counter(
     "pluginchain_config_pushes",
