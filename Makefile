@@ -39,6 +39,11 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 
+# Open-loop latency at 25/50/75 % of the bare processor's saturated rate (no wrk needed); see bench/README.md.
+.PHONY: bench-open-loop
+bench-open-loop: $(STAMP)
+	$(BIN)/python bench/open_loop.py
+
 # Regenerate sidecar/pluginchain/v1 from proto/ (a test fails when they drift).
 protos: $(STAMP)
 	scripts/gen_protos.sh
