@@ -57,14 +57,20 @@ def is_running(pid: int) -> bool:
     return state != "Z"  # a zombie is dead; only its parent (here, maybe nobody) has not reaped it
 
 
-def test_envoy_dies_with_a_killed_gateway(started):
-    port = free_port()
+def gateway_that_is_up(started: list[subprocess.Popen], port: int) -> subprocess.Popen:
+    """A ``pluginchain gateway`` on ``port``, once it has said it is up."""
     gateway = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     started.append(gateway)
     assert gateway.stdout is not None
     for line in gateway.stdout:
         if "pluginchain gateway is up" in line:
-            break
+            return gateway
+    raise AssertionError(f"the gateway exited with {gateway.wait()} before it was up")
+
+
+def test_envoy_dies_with_a_killed_gateway(started):
+    port = free_port()
+    gateway = gateway_that_is_up(started, port)
     [envoy] = [child for child in children_of(gateway.pid) if "envoy" in Path(f"/proc/{child}/cmdline").read_text()]
     gateway.send_signal(signal.SIGKILL)
     gateway.wait()
@@ -164,15 +170,10 @@ def test_a_taken_metrics_port_exits_with_one_line():
 
 
 def test_a_second_gateway_on_a_taken_listener_port_exits_instead_of_sharing_it(started):
-    """Envoy binds its listener exclusively (no SO_REUSEPORT): the second gateway's Envoy cannot
-    start, so the gateway exits 1 with one line, and the first keeps all the traffic."""
+    """The second gateway finds the listener port taken before its Envoy starts (which binds
+    exclusively anyway, no SO_REUSEPORT): it exits 1 with one line, the first keeps all traffic."""
     port = free_port()
-    first = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    started.append(first)
-    assert first.stdout is not None
-    for line in first.stdout:
-        if "pluginchain gateway is up" in line:
-            break
+    first = gateway_that_is_up(started, port)
     second = subprocess.Popen(gateway_argv(port=port, admin_port=free_port()), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started.append(second)
     out, err = second.communicate(timeout=60)
