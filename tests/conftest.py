@@ -1,10 +1,22 @@
-"""Suite-wide fixtures: fail a test that leaks asyncio tasks."""
+"""Suite-wide fixtures: fail a test that leaks asyncio tasks, and undo a command's logging setup."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """A command run in-process (``cli.main``) points the root logger at the stderr of its test,
+    which pytest closes afterwards: later log lines (a server thread's) would hit a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
