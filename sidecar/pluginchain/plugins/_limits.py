@@ -8,8 +8,9 @@ import asyncio
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -92,6 +93,59 @@ def carried_over(used: int, was: Rate, rate: Rate) -> int:
     numerator = used * rate[0] * was[1]
     denominator = was[0] * rate[1]
     return (2 * numerator + denominator) // (2 * denominator)
+
+
+RateT = TypeVar("RateT")
+
+
+class MemoryBuckets(Generic[RateT]):
+    """A memory-backed limiter entry's buckets: per bucket key, its TAT in microseconds of the
+    entry's clock and the rate it was counted at (so an instance at another rate carries it over).
+    Subclasses add the decision; this keeps the dict small by sweeping full buckets."""
+
+    _SWEEP_EVERY = 1024
+
+    __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
+
+    def __init__(self) -> None:
+        self._tat: dict[str, tuple[int, RateT]] = {}
+        self._decisions_since_sweep = 0
+
+    def _read(self, bucket: str, rate: RateT, now: int) -> tuple[int, RateT]:
+        """The bucket's TAT and rate (``now`` and ``rate`` for a full one), sweeping at times."""
+        self._decisions_since_sweep += 1
+        # Sweeping costs one pass over the dict; spacing sweeps by its size keeps that O(1) per
+        # decision while holding at most about twice the live buckets.
+        if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
+            self._decisions_since_sweep = 0
+            self._tat = {key: state for key, state in self._tat.items() if state[0] > now}
+        return self._tat.get(bucket, (now, rate))
+
+
+StoreT = TypeVar("StoreT", bound=MemoryBuckets[Any])
+KeyT = TypeVar("KeyT", bound=Hashable)
+
+
+def shared_store(stores: weakref.WeakValueDictionary[KeyT, StoreT], key: KeyT, new: Callable[[], StoreT]) -> StoreT:
+    """The store of one limiter entry, shared by every instance of it: the old plan's and the new
+    one's across a reload or push, whatever their rates. ``stores`` holds them weakly, so the
+    buckets of an entry no plan has any more go with its last instance."""
+    store = stores.get(key)
+    if store is None:
+        store = stores[key] = new()
+    return store
+
+
+def lua_now(argument: int) -> str:
+    """Lua setting ``now`` (microseconds) from ``ARGV[argument]`` (a clock given to the limiter,
+    in tests), else from the server clock, which every replica shares."""
+    return f"""
+local now = tonumber(ARGV[{argument}])
+if not now then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+"""
 
 
 LUA_READ_TAT = """

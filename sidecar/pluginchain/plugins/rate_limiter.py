@@ -63,6 +63,7 @@ from pluginchain.plugins._limits import (
     LUA_READ_TAT,
     LUA_TAT_FORMAT,
     BucketNames,
+    MemoryBuckets,
     RedisScript,
     WarningSpacing,
     carried_over,
@@ -70,7 +71,9 @@ from pluginchain.plugins._limits import (
     check_redis_url,
     key_header,
     key_value,
+    lua_now,
     parse_key,
+    shared_store,
 )
 from pluginchain.plugins._limits import REDIS_MAX_CONNECTIONS as REDIS_MAX_CONNECTIONS
 
@@ -145,26 +148,15 @@ class _Verdict:
         self.until_full = until_full
 
 
-class _MemoryBuckets:
-    """Per bucket key of one entry (chain, plugin id, key form, prefix, clock): its TAT in
-    microseconds of that clock, and the emission interval it was counted at."""
+class _MemoryBuckets(MemoryBuckets[int]):
+    """The buckets of one entry (chain, plugin id, key form, prefix, clock), each with the emission
+    interval it was counted at."""
 
-    _SWEEP_EVERY = 1024
-
-    __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
-
-    def __init__(self) -> None:
-        self._tat: dict[str, tuple[int, int]] = {}
-        self._decisions_since_sweep = 0
+    __slots__ = ()
 
     def decide(self, bucket: str, interval: int, capacity: int, now: int) -> _Verdict:
         # No await in here: on one event loop this read-modify-write cannot interleave.
-        self._decisions_since_sweep += 1
-        # Sweeping costs one pass over the dict; spacing sweeps by its size keeps that O(1) per
-        # decision while holding at most about twice the live buckets.
-        if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
-            self._sweep(now)
-        tat, was = self._tat.get(bucket, (now, interval))
+        tat, was = self._read(bucket, interval, now)
         carried = tat > now and was != interval
         if carried:
             tat = now + carried_over(tat - now, (was, 1), (interval, 1))
@@ -177,16 +169,9 @@ class _MemoryBuckets:
         self._tat[bucket] = (next_tat, interval)
         return _Verdict(True, next_tat - now)
 
-    def _sweep(self, now: int) -> None:
-        self._decisions_since_sweep = 0
-        self._tat = {bucket: state for bucket, state in self._tat.items() if state[0] > now}
 
-
-# One store per entry, shared by every instance of it: the old plan's and the new one's across a
-# reload or push, whatever their rates (each bucket carries its own, see _MemoryBuckets). A store
-# lives as long as an instance uses it, so the buckets of an entry no plan has any more are freed
-# with its last instance. The clock is part of the key because TATs of one clock mean nothing to
-# another; in production it is always None (time.monotonic).
+# Each entry's store (see shared_store). The clock is part of the key because TATs of one clock
+# mean nothing to another; in production it is always None (time.monotonic).
 _MEMORY_STORES: weakref.WeakValueDictionary[
     tuple[str, str, str, str, Callable[[], float] | None], _MemoryBuckets
 ] = weakref.WeakValueDictionary()
@@ -203,11 +188,9 @@ _GCRA_SCRIPT = (
 if redis.replicate_commands then redis.replicate_commands() end
 local interval = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if not now then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-end
+"""
+    + lua_now(3)
+    + """
 local rate_numerator = interval
 local rate_denominator = 1
 """
@@ -267,9 +250,7 @@ class RateLimiter(Plugin):
         self._redis: RedisScript | None = None
         if config.backend == "memory":
             store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
-            self._memory = _MEMORY_STORES.get(store_key)
-            if self._memory is None:
-                self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
+            self._memory = shared_store(_MEMORY_STORES, store_key, _MemoryBuckets)
         else:
             assert config.redis_url is not None
             self._redis = RedisScript(config.redis_url, config.redis_timeout, _GCRA_SCRIPT)

@@ -94,6 +94,7 @@ from pluginchain.plugins._limits import (
     LUA_READ_TAT,
     LUA_TAT_FORMAT,
     BucketNames,
+    MemoryBuckets,
     Rate,
     RedisScript,
     WarningSpacing,
@@ -102,7 +103,9 @@ from pluginchain.plugins._limits import (
     check_redis_url,
     key_header,
     key_value,
+    lua_now,
     parse_key,
+    shared_store,
 )
 
 _MICROS = 1_000_000
@@ -251,27 +254,16 @@ class _Budget:
         return self.window - -(-tokens * self.window // self.limit)
 
 
-class _MemoryBuckets:
-    """Per bucket key of one entry (chain, plugin id, key form, prefix, clock): its TAT in
-    microseconds of that clock, and the rate it was counted at."""
+class _MemoryBuckets(MemoryBuckets[Rate]):
+    """The buckets of one entry (chain, plugin id, key form, prefix, clock), each with the rate it
+    was counted at."""
 
-    _SWEEP_EVERY = 1024
-
-    __slots__ = ("_tat", "_decisions_since_sweep", "__weakref__")
-
-    def __init__(self) -> None:
-        self._tat: dict[str, tuple[int, Rate]] = {}
-        self._decisions_since_sweep = 0
+    __slots__ = ()
 
     def apply(self, bucket: str, rate: Rate, threshold: int | None, delta: int, now: int) -> _Verdict:
         """What the Redis script does (see there), on this process's dict."""
         # No await in here: on one event loop this read-modify-write cannot interleave.
-        self._decisions_since_sweep += 1
-        # Sweeping costs one pass over the dict; spacing sweeps by its size keeps that O(1) per
-        # decision while holding at most about twice the live buckets.
-        if self._decisions_since_sweep >= max(self._SWEEP_EVERY, len(self._tat)):
-            self._sweep(now)
-        tat, was = self._tat.get(bucket, (now, rate))
+        tat, was = self._read(bucket, rate, now)
         before = max(tat - now, 0)
         if before and was != rate:
             before = min(_MAX_DEBT, carried_over(before, was, rate))
@@ -286,16 +278,9 @@ class _MemoryBuckets:
             self._tat.pop(bucket, None)
         return _Verdict(True, before, after)
 
-    def _sweep(self, now: int) -> None:
-        self._decisions_since_sweep = 0
-        self._tat = {bucket: state for bucket, state in self._tat.items() if state[0] > now}
 
-
-# One store per entry, shared by every instance of it: the old plan's and the new one's across a
-# reload or push, whatever their rates (each bucket carries its own, see _MemoryBuckets). A store
-# lives as long as an instance uses it, so the buckets of an entry no plan has any more are freed
-# with its last instance. The clock is part of the key because TATs of one clock mean nothing to
-# another; in production it is always None (time.monotonic).
+# Each entry's store (see shared_store). The clock is part of the key because TATs of one clock
+# mean nothing to another; in production it is always None (time.monotonic).
 _MEMORY_STORES: weakref.WeakValueDictionary[
     tuple[str, str, str, str, Callable[[], float] | None], _MemoryBuckets
 ] = weakref.WeakValueDictionary()
@@ -313,11 +298,9 @@ _MEMORY_STORES: weakref.WeakValueDictionary[
 _TOKEN_SCRIPT = (
     """
 if redis.replicate_commands then redis.replicate_commands() end
-local now = tonumber(ARGV[6])
-if not now then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-end
+"""
+    + lua_now(6)
+    + """
 local rate_numerator = tonumber(ARGV[4])
 local rate_denominator = tonumber(ARGV[5])
 """
@@ -400,9 +383,7 @@ class TokenLimiter(Plugin):
         self._redis: RedisScript | None = None
         if config.backend == "memory":
             store_key = (settings.chain, settings.id, config.key, config.key_prefix, clock)
-            self._memory = _MEMORY_STORES.get(store_key)
-            if self._memory is None:
-                self._memory = _MEMORY_STORES[store_key] = _MemoryBuckets()
+            self._memory = shared_store(_MEMORY_STORES, store_key, _MemoryBuckets)
         else:
             assert config.redis_url is not None
             self._redis = RedisScript(config.redis_url, config.redis_timeout, _TOKEN_SCRIPT)
