@@ -238,6 +238,50 @@ async def test_members_that_never_suspend_keep_the_parallel_semantics():
         assert "said it never suspends but awaited" in result.failures[0].message
 
 
+async def test_a_sibling_that_rejects_at_once_cancels_a_suspended_member_at_its_own_await():
+    # "slow" is started first and suspends; "gate" rejects without ever suspending. slow must see
+    # the cancellation inside its await (its cleanup runs, its outcome is counted as cancelled),
+    # not be dropped half-run.
+    chain = chain_of(
+        step("slow", parallel=True, sleep=5, set_headers={"x-slow": "1"}),
+        step("gate", parallel=True, reject_status=403),
+    )
+    exchange = new_exchange()
+    result = await chain.run_stage(Stage.PRE_REQUEST, exchange)
+    assert result.rejection.status == 403 and result.rejection.plugin_id == "gate"
+    events = [e[:2] for e in exchange.metadata["events"]]
+    assert events.index(("start", "slow")) < events.index(("start", "gate"))  # declaration order
+    assert ("cancelled", "slow") in events
+    assert "x-slow" not in exchange.request.headers
+
+
+async def test_members_that_may_suspend_but_do_not_finish_inline_with_the_same_results():
+    # Declared able to suspend (the default here), these members never await: they run without a
+    # task, yet the group keeps its snapshot, its declaration order and its failure handling.
+    chain = chain_of(
+        step("a", parallel=True, set_headers={"x-winner": "a"}),
+        step("slow", parallel=True, sleep=0.02, set_headers={"x-slow": "1"}),
+        step("b", parallel=True, set_headers={"x-winner": "b"}),
+        step("later", priority=1),
+    )
+    exchange = new_exchange()
+    result = await chain.run_stage(Stage.PRE_REQUEST, exchange)
+    assert result.rejection is None
+    assert order(exchange, "end")[-1] == "later" and order(exchange, "end")[:2] == ["a", "b"]
+    assert exchange.request.set_headers == {"x-winner": "b", "x-slow": "1"}
+    seen = {e[1]: e[2] for e in exchange.metadata["events"] if e[0] == "seen"}
+    assert "x-winner" not in seen["b"] and seen["later"]["x-slow"] == "1"
+
+
+async def test_a_timeout_counts_from_the_start_of_a_member_that_suspends_late():
+    # A member that works inline for a while and only then awaits gets what is left of its timeout.
+    chain = chain_of({**step("late", parallel=True, busy=0.2, sleep=5), "timeout": "250ms"}, step("other", parallel=True))
+    started = time.perf_counter()
+    result = await chain.run_stage(Stage.PRE_REQUEST, new_exchange())
+    assert result.rejection.status == 504 and result.failures[0].plugin_id == "late"
+    assert time.perf_counter() - started < 0.4  # 250 ms from its start, not 200 + 250 ms
+
+
 async def test_only_a_serving_plan_creates_metric_series():
     from prometheus_client import REGISTRY
 

@@ -8,6 +8,7 @@ custom plugin might try, framing headers and bodies included.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pluginchain import (
     InstanceSettings,
@@ -23,6 +24,8 @@ from pluginchain._config.registry import PluginRegistry
 
 
 class ScriptedConfig(PluginConfig):
+    busy: float = 0.0
+    """Seconds of work done inline, without awaiting, before the ``sleep`` (a CPU-bound plugin)."""
     sleep: float = 0.0
     """Seconds to wait before acting."""
     set_headers: dict[str, str] = {}
@@ -68,6 +71,9 @@ class Scripted(Plugin):
     async def execute(self, ctx: PluginContext, data: PluginData) -> None:
         events = data.exchange.metadata.setdefault("events", [])
         events.append(("start", self.id))
+        busy_until = time.perf_counter() + self.config.busy
+        while time.perf_counter() < busy_until:
+            pass
         try:
             if self.config.sleep:
                 await asyncio.sleep(self.config.sleep)

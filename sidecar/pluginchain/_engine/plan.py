@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -205,6 +205,50 @@ class _Member:
         return counter
 
 
+class _Suspended:
+    """A plugin run, started inline, that suspended. Awaiting it drives the rest of the plugin's
+    coroutine from where it stopped (``yield from`` cannot: it would resume the coroutine before
+    what it awaits is done). What the plugin awaits, and any cancellation thrown in, pass through
+    unchanged, so the task awaiting this drives the plugin as if it had run it from the start."""
+
+    __slots__ = ("member", "data", "exchange", "coroutine", "awaiting", "deadline", "started")
+
+    def __init__(
+        self, member: _Member, data: PluginData, exchange: Exchange,
+        coroutine: Coroutine[Any, Any, None], awaiting: Any, deadline: float, started: float,
+    ):
+        self.member = member
+        self.data = data
+        self.exchange = exchange
+        self.coroutine = coroutine
+        self.awaiting = awaiting
+        """What the coroutine yielded when it suspended (a future, as asyncio's tasks expect)."""
+        self.deadline = deadline
+        """``loop.time()`` at which the plugin times out, counted from its start."""
+        self.started = started
+        """perf_counter() at its start, for its latency."""
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine = self.coroutine
+        awaiting = self.awaiting
+        while True:
+            try:
+                sent = yield awaiting
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:
+                try:
+                    awaiting = coroutine.throw(error)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    awaiting = coroutine.send(sent)
+                except StopIteration:
+                    return
+
+
 class CompiledChain:
     """One chain's execution plan: groups per stage and the phases it needs."""
 
@@ -339,52 +383,63 @@ class CompiledChain:
             return await self._run_one(group.parallel[0], stage, exchange, failures)
         if not group.parallel:
             return None
-        if not any(self._members[plugin.id].suspends for plugin in group.parallel):
-            return self._run_inline(group.parallel, stage, exchange, failures)
-        views = [PluginData(stage, exchange) for _ in group.parallel]
-        tasks = [
-            asyncio.ensure_future(self._execute(self._members[plugin.id], view, exchange))
-            for plugin, view in zip(group.parallel, views, strict=True)
-        ]
-        pending = set(tasks)
+        return await self._run_parallel(group.parallel, stage, exchange, failures)
+
+    async def _run_parallel(self, members: tuple[Plugin, ...], stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
+        """Parallel members on one snapshot; their changes applied in declaration order after all.
+
+        Each member is started inline, in declaration order, and only one that suspends gets a
+        task (and a timer) to finish in. Members that never suspend would all finish in one loop
+        turn as tasks and be settled in declaration order; running them one by one in that order
+        gives the same result without a task per member (about 40 µs per request).
+        """
+        views = [PluginData(stage, exchange) for _ in members]
+        outcomes: list[Reject | Failure | None] = [None] * len(members)
+        suspended: dict[int, asyncio.Future[Reject | Failure | None]] = {}
         stop: Reject | None = None
+        for index, (plugin, view) in enumerate(zip(members, views, strict=True)):
+            started = self._start(self._members[plugin.id], view, exchange)
+            if isinstance(started, _Suspended):
+                suspended[index] = asyncio.ensure_future(self._finish(started))
+                continue
+            outcomes[index] = started
+            stop = self._settle(started, failures)
+            if stop is not None:
+                break
+        if suspended:
+            stop = await self._wait_suspended(suspended, outcomes, failures, stop)
+        if stop is not None:
+            return stop
+        for outcome, view in zip(outcomes, views, strict=True):
+            if outcome is None:
+                view.apply()
+        return None
+
+    async def _wait_suspended(
+        self, tasks: dict[int, asyncio.Future[Reject | Failure | None]], outcomes: list[Reject | Failure | None],
+        failures: list[Failure], stop: Reject | None,
+    ) -> Reject | None:
+        """Wait for the members that suspended until all are done or one stops the group, and
+        cancel the rest. ``stop``: a member that finished inline stopped the group already."""
+        pending = set(tasks.values())
         try:
+            if stop is not None:
+                # Let each task take its first step, so that its plugin sees the cancellation at
+                # its own ``await`` (a task cancelled before its first step never runs its body).
+                await asyncio.sleep(0)
             while pending and stop is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 # Several may finish in one wake-up: decide in declaration order.
-                for task in tasks:
+                for index, task in tasks.items():
                     if task in done and stop is None:
-                        stop = self._settle(task.result(), failures)
+                        outcomes[index] = task.result()
+                        stop = self._settle(outcomes[index], failures)
         finally:
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        if stop is not None:
-            return stop
-        for task, view in zip(tasks, views, strict=True):
-            if task.result() is None:
-                view.apply()
-        return None
-
-    def _run_inline(self, members: tuple[Plugin, ...], stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
-        """Parallel members that never suspend: the same snapshot semantics, no tasks.
-
-        Run concurrently they would all finish in one loop turn and be settled in declaration
-        order; running them one by one in that order on the snapshot gives the same result.
-        """
-        views = [PluginData(stage, exchange) for _ in members]
-        outcomes = []
-        for plugin, view in zip(members, views, strict=True):
-            outcome = self._execute_inline(self._members[plugin.id], view, exchange)
-            stop = self._settle(outcome, failures)
-            if stop is not None:
-                return stop
-            outcomes.append(outcome)
-        for outcome, view in zip(outcomes, views, strict=True):
-            if outcome is None:
-                view.apply()
-        return None
+        return stop
 
     async def _run_one(self, plugin: Plugin, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
         view = PluginData(stage, exchange)
@@ -404,49 +459,65 @@ class CompiledChain:
 
     async def _execute(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
         """Run one plugin under its timeout; never raises except for cancellation."""
+        started = self._start(member, data, exchange)
+        if isinstance(started, _Suspended):
+            return await self._finish(started)
+        return started
+
+    def _start(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None | _Suspended:
+        """Run a plugin inline up to its first suspension: its outcome if it finished without
+        one (most runs: a body that needs no inflating, a limiter in memory), else the run for
+        :meth:`_finish` to complete. A run that finishes inline needs no timer: nothing could
+        have interrupted it anyway."""
         plugin = member.plugin
-        if not member.suspends:
-            return self._execute_inline(member, data, exchange)
-        settings = plugin.settings
         ctx = _context(self.name, exchange, plugin)
         started = time.perf_counter()
-        timeout = asyncio.timeout(settings.timeout)
+        coroutine = plugin.execute(ctx, data)
+        try:
+            awaiting = coroutine.send(None)
+        except StopIteration:
+            member.latency.observe(time.perf_counter() - started)
+            member.count(Outcome.REDACTED if _changes_content(data) else Outcome.ALLOW)
+            return None
+        except Reject as reject:
+            member.latency.observe(time.perf_counter() - started)
+            return self._rejected(member, reject)
+        except Exception as error:
+            member.latency.observe(time.perf_counter() - started)
+            return self._failed(member, data, exchange, error, timed_out=False)
+        if not member.suspends:
+            coroutine.close()
+            member.latency.observe(time.perf_counter() - started)
+            bug = RuntimeError("a plugin said it never suspends but awaited (`suspends = False`, or suspends=False in its needs())")
+            return self._failed(member, data, exchange, bug, timed_out=False)
+        return _Suspended(member, data, exchange, coroutine, awaiting, ctx.deadline, started)
+
+    async def _finish(self, run: _Suspended) -> Reject | Failure | None:
+        """The rest of a run that suspended, under the timeout counted from its start."""
+        member = run.member
+        timeout = asyncio.timeout_at(run.deadline)
         try:
             async with timeout:
-                await plugin.execute(ctx, data)
+                await run
         except Reject as reject:
             return self._rejected(member, reject)
         except Exception as error:
-            return self._failed(member, data, exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
+            return self._failed(member, run.data, run.exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
         except asyncio.CancelledError:
             # Not its own timeout (asyncio.timeout turns that into TimeoutError): a sibling
             # stopped the group, or the request went away.
             member.count(Outcome.CANCELLED)
             raise
         finally:
-            member.latency.observe(time.perf_counter() - started)
-        member.count(Outcome.REDACTED if _changes_content(data) else Outcome.ALLOW)
-        return None
-
-    def _execute_inline(self, member: _Member, data: PluginData, exchange: Exchange) -> Reject | Failure | None:
-        """:meth:`_execute` for a plugin that never suspends: driven to completion at once, with no
-        timer (nothing could interrupt it anyway), task or event-loop turn."""
-        plugin = member.plugin
-        ctx = _context(self.name, exchange, plugin)
-        started = time.perf_counter()
-        try:
-            _run_to_completion(plugin.execute(ctx, data))
-        except Reject as reject:
-            return self._rejected(member, reject)
-        except Exception as error:
-            return self._failed(member, data, exchange, error, timed_out=False)
-        finally:
-            member.latency.observe(time.perf_counter() - started)
-        member.count(Outcome.REDACTED if _changes_content(data) else Outcome.ALLOW)
+            member.latency.observe(time.perf_counter() - run.started)
+        member.count(Outcome.REDACTED if _changes_content(run.data) else Outcome.ALLOW)
         return None
 
     @staticmethod
     def _rejected(member: _Member, reject: Reject) -> Reject:
+        # The reject lives on as the exchange's answer; its traceback would keep the plugin's and
+        # the engine's frames (the exchange among them: a cycle) until the next full collection.
+        reject.__traceback__ = None
         reject.plugin_id = member.plugin.id
         member.count(Outcome.REJECT, reject.code)
         return reject
@@ -491,16 +562,6 @@ def _changes_content(data: PluginData) -> bool:
 def _context(chain: str, exchange: Exchange, plugin: Plugin) -> PluginContext:
     deadline = asyncio.get_running_loop().time() + plugin.settings.timeout
     return PluginContext(chain, exchange.request_id, plugin.id, deadline, exchange.consumer, exchange.session)
-
-
-def _run_to_completion(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Drive a coroutine that never suspends; one that does is a plugin bug, reported as such."""
-    try:
-        coroutine.send(None)
-    except StopIteration:
-        return
-    coroutine.close()
-    raise RuntimeError("a plugin said it never suspends but awaited (`suspends = False`, or suspends=False in its needs())")
 
 
 def failure_response(failure: Failure) -> Reject:
