@@ -443,7 +443,9 @@ class CompiledChain:
 
     async def _run_one(self, plugin: Plugin, stage: Stage, exchange: Exchange, failures: list[Failure]) -> Reject | None:
         view = PluginData(stage, exchange)
-        outcome = await self._execute(self._members[plugin.id], view, exchange)
+        outcome = self._start(self._members[plugin.id], view, exchange)
+        if isinstance(outcome, _Suspended):
+            outcome = await self._finish(outcome)
         if outcome is None:
             view.apply()
             return None

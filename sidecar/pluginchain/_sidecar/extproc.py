@@ -120,8 +120,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._max_streams = max_streams
         self._open_streams = 0
         self._refusals = _SpacedLog(clock)
-        self._modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
-        self._streamed_modes: weakref.WeakKeyDictionary[CompiledChain, _Mode] = weakref.WeakKeyDictionary()
+        self._answers: weakref.WeakKeyDictionary[CompiledChain, _ChainAnswers] = weakref.WeakKeyDictionary()
         self._counters: dict[tuple[str, str, str, str], Any] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -137,13 +136,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._open_streams += 1
         try:
             chain_name = _chain_name(context)
-            with self._plans.use() as plan:
+            plan = self._plans.take()
+            try:
                 chain = plan.get(chain_name)
                 stream: _Stream | _UnknownChainStream
                 if chain is None:
                     stream = _UnknownChainStream(chain_name)
                 else:
-                    stream = _Stream(chain, chain_name, self._mode_for(chain), self._limits, self._streamed_mode_for(chain))
+                    stream = _Stream(chain, chain_name, self._answers_for(chain), self._limits)
                 try:
                     async for request in request_iterator:
                         yield await stream.answer(request)
@@ -170,6 +170,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     self._request_counter(stream.chain_label, stream.outcome, stream.status_class, code).inc()
                     if isinstance(stream, _Stream):
                         self._after(plan, stream.chain, stream)
+            finally:
+                self._plans.give_back(plan)
         finally:
             self._open_streams -= 1
 
@@ -191,14 +193,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             TOKENS.labels(chain.name, model, "output").observe(usage.output_tokens)
         if not chain.finishers or not stream.started:
             return
-        holding = self._plans.use(plan)
-        holding.__enter__()
+        self._plans.take(plan)
 
         async def finish() -> None:
             try:
                 await chain.finish(stream.exchange)
             finally:
-                holding.__exit__(None, None, None)
+                self._plans.give_back(plan)
 
         task = asyncio.get_running_loop().create_task(finish())
         self._finishing.add(task)
@@ -209,32 +210,45 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
 
-    def _mode_for(self, chain: CompiledChain) -> _Mode:
-        mode = self._modes.get(chain)
-        if mode is None:
-            phases = chain.phases
-            mode = _Mode(
-                request_header_mode=_Mode.SEND,
-                request_body_mode=_Mode.BUFFERED if phases.request_body else _Mode.NONE,
-                response_header_mode=_Mode.SEND if phases.response_headers else _Mode.SKIP,
-                response_body_mode=_Mode.BUFFERED if phases.response_body else _Mode.NONE,
-                request_trailer_mode=_Mode.SKIP,
-                response_trailer_mode=_Mode.SKIP,
-            )
-            self._modes[chain] = mode
-        return mode
+    def _answers_for(self, chain: CompiledChain) -> _ChainAnswers:
+        answers = self._answers.get(chain)
+        if answers is None:
+            answers = self._answers[chain] = _ChainAnswers.of(chain)
+        return answers
 
-    def _streamed_mode_for(self, chain: CompiledChain) -> _Mode | None:
-        """The override that switches a streamed response's body to STREAMED."""
-        if not chain.phases.response_body:
-            return None
-        mode = self._streamed_modes.get(chain)
-        if mode is None:
-            mode = _Mode()
-            mode.CopyFrom(self._mode_for(chain))
-            mode.response_body_mode = _Mode.STREAMED
-            self._streamed_modes[chain] = mode
-        return mode
+
+@dataclass(frozen=True, slots=True)
+class _ChainAnswers:
+    """What every stream of one chain sends the same way, built once per chain (as the bare
+    processor builds its answers once): building a message with a ``mode_override`` copies it."""
+
+    mode: _Mode
+    """The processing mode the chain needs (its first answer's ``mode_override``)."""
+    streamed_mode: _Mode | None
+    """The override that switches a streamed response's body to STREAMED; None without a
+    post_request plugin reading the response body."""
+    request_headers_unchanged: pb.ProcessingResponse
+    """The answer to the request headers when the chain changed nothing (or has yet to run, on
+    the body): CONTINUE with the mode."""
+
+    @classmethod
+    def of(cls, chain: CompiledChain) -> _ChainAnswers:
+        phases = chain.phases
+        mode = _Mode(
+            request_header_mode=_Mode.SEND,
+            request_body_mode=_Mode.BUFFERED if phases.request_body else _Mode.NONE,
+            response_header_mode=_Mode.SEND if phases.response_headers else _Mode.SKIP,
+            response_body_mode=_Mode.BUFFERED if phases.response_body else _Mode.NONE,
+            request_trailer_mode=_Mode.SKIP,
+            response_trailer_mode=_Mode.SKIP,
+        )
+        streamed_mode = None
+        if phases.response_body:
+            streamed_mode = _Mode()
+            streamed_mode.CopyFrom(mode)
+            streamed_mode.response_body_mode = _Mode.STREAMED
+        unchanged = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=mode)
+        return cls(mode, streamed_mode, unchanged)
 
 
 class _Exchanging:
@@ -267,7 +281,7 @@ class _Exchanging:
         exchange = self.exchange
         self.started = time.perf_counter()
         exchange.started_at = time.monotonic()
-        exchange.request = HttpMessage(_header_dict(headers.headers))
+        exchange.request = HttpMessage.of_lowercase_headers(_header_dict(headers.headers))
         exchange.request_id = exchange.request.headers.get("x-request-id", "")
         exchange.client_address = _client_address(request)
         return headers
@@ -310,14 +324,13 @@ class _UnknownChainStream(_Exchanging):
 class _Stream(_Exchanging):
     """The state of one HTTP request's exchange with Envoy, for a chain of the serving plan."""
 
-    __slots__ = ("chain", "mode", "limits", "streamed_mode", "response_stream", "sent_upstream", "hide_usage")
+    __slots__ = ("chain", "answers", "limits", "response_stream", "sent_upstream", "hide_usage")
 
-    def __init__(self, chain: CompiledChain, chain_name: str, mode: _Mode, limits: Limits, streamed_mode: _Mode | None):
+    def __init__(self, chain: CompiledChain, chain_name: str, answers: _ChainAnswers, limits: Limits):
         super().__init__(chain_name, chain_name)
         self.chain = chain
-        self.mode = mode
+        self.answers = answers
         self.limits = limits
-        self.streamed_mode = streamed_mode
         self.response_stream: ResponseStream | None = None
         self.sent_upstream = 0.0
         """perf_counter() when the request went on upstream."""
@@ -354,7 +367,7 @@ class _Stream(_Exchanging):
         if self.chain.phases.request_body and not headers.end_of_stream:
             # The chain runs on the body; what it sets (accept-encoding included) goes with that answer.
             self.expecting = _REQUEST_BODY if self.chain.phases.response_headers else _REQUEST_BODY_NO_RESPONSE
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=self.mode)
+            return self.answers.request_headers_unchanged
         if headers.end_of_stream:
             exchange.request.body = b""
             exchange.request.body_replaceable = False  # no body phase follows to carry a new one
@@ -362,7 +375,9 @@ class _Stream(_Exchanging):
         if rejection is not None:
             return self._immediate(rejection)
         common = _common_response(exchange.request, body_phase=False)
-        return self._request_passed(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.mode))
+        if common is None:
+            return self._request_passed(self.answers.request_headers_unchanged)
+        return self._request_passed(pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), mode_override=self.answers.mode))
 
     async def _request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         _check_whole(body, "request")
@@ -390,7 +405,7 @@ class _Stream(_Exchanging):
     async def _response_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         self.exchange.request.body_replaceable = False
         self.expecting = _NOTHING
-        response = self.exchange.response = HttpMessage(_header_dict(headers.headers))
+        response = self.exchange.response = HttpMessage.of_lowercase_headers(_header_dict(headers.headers))
         if self.sent_upstream:
             UPSTREAM_LATENCY.labels(self.chain_label).observe(time.perf_counter() - self.sent_upstream)
         self.status_class = response.headers.get(":status", "")[:1] + "xx"
@@ -430,7 +445,7 @@ class _Stream(_Exchanging):
         )
         self.expecting = _RESPONSE_BODY
         common = _common_response(response, body_phase=False, drop_content_length=True)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common), mode_override=self.streamed_mode)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common), mode_override=self.answers.streamed_mode)
 
     async def _stream_chunk(self, stream: ResponseStream, body: pb.HttpBody) -> pb.ProcessingResponse:
         chunk = body.body
@@ -561,7 +576,7 @@ def _header_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
     for header in header_map.headers:
         raw = header.raw_value  # each access copies the bytes out of the message: once only
         value = raw.decode("utf-8", "replace") if raw else header.value
-        key = header.key
+        key = header.key.lower()  # as Envoy sends them already; a client of the gRPC port might not
         # Repeated headers fold into one comma-separated value, as HTTP allows for most headers.
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
