@@ -17,18 +17,22 @@ because on a small machine it shares the CPUs with both Envoys and the processor
 
 One run:
 
-1. saturation: a closed-loop run of the bare processor (headers and body, ``--saturation-connections``
-   connections); the lower of the two requests/s is the reference rate;
+1. reference: a closed-loop run of the bare processor (headers and body, ``--saturation-connections``
+   connections); the lower of the two requests/s is the reference rate (or ``--rate``);
 2. per round: every gateway is started (direct, bare-headers, chain-headers, bare-body, chain-body;
    the same processes and Envoy configuration as ``run_bench.py``, each checked as there), then
-   one request at a time (``--sequential`` requests per scenario), then for each of
+   one request at a time (``--sequential`` requests per scenario), then every scenario in turn at
+   saturation (closed loop, 2 s warm-up and ``--saturation-duration`` s), then for each of
    ``--load-percent`` (default 25 50 75 % of the reference rate) every scenario in turn at that rate,
    so direct, bare and chain are measured next to each other.
 
-The report gives, per rate and scenario, the latency added over Envoy direct (same round, same rate)
-at p50/p99/p99.9: the median over rounds, with min..max. JSON goes to ``--output``.
+The report gives, per scenario, the saturated requests/s and latency with each chain's ratio to its
+bare processor (per round, then the median), the latency added over Envoy direct (same round, same
+rate) at p50/p99/p99.9 per open-loop rate and one at a time, the processor's CPU per request, and
+issue 14's targets for the chains (met or not), each as the median over rounds with min..max.
+JSON goes to ``--output``.
 
-    .venv/bin/python bench/open_loop.py                                  # 3 rounds, 10 s per measurement, ~12 minutes
+    .venv/bin/python bench/open_loop.py                                  # 3 rounds, 10 s per measurement, ~15 minutes
     .venv/bin/python bench/open_loop.py --rounds 2 --duration 10 --load-percent 50
 """
 
@@ -52,6 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -465,9 +470,13 @@ def measure(gateway: Gateway, upstream: Proc, round_number: int, kind: str, warm
         result.schedule = {**info, "scheduled": len(generator.scheduled), "late_over_1ms": late,
                            "late_over_1ms_percent": round(100 * late / max(1, len(lags)), 2)}
     cpu = {role: round(100 * seconds / wall, 1) for role, seconds in cpu_seconds.items()}
+    machine_busy = round(100 * (os.cpu_count() or 1) * measured.busy_jiffies / max(1, measured.total_jiffies), 1)
+    cpu["foreign"] = round(max(0.0, machine_busy - sum(cpu.values())), 1)
+    cpu["machine_busy"] = machine_busy
     cpu["generator_us_per_request"] = round(1e6 * cpu_seconds["generator"] / max(1, len(sent_indices)), 1)
-    cpu["machine_busy"] = round(100 * (os.cpu_count() or 1) * measured.busy_jiffies / max(1, measured.total_jiffies), 1)
-    cpu["foreign"] = round(max(0.0, cpu["machine_busy"] - sum(v for k, v in cpu.items() if k not in ("machine_busy", "generator_us_per_request"))), 1)
+    if "processor" in cpu_seconds:
+        # From the CPU seconds and the count, not percent / achieved rate: an open-loop run's wall time includes the drain.
+        cpu["processor_us_per_request"] = round(1e6 * cpu_seconds["processor"] / max(1, len(answered)), 1)
     result.cpu_percent = cpu
     check(result, gateway, generator, measured.counters_before, measured.allowed_before, info, args)
     return result
@@ -526,31 +535,111 @@ def warm_up(rate: float, args: argparse.Namespace):
 
 # --------------------------------------------------------------------------- report
 
+# Each chain is compared with the bare processor that asks Envoy for the same phases.
+PAIRS = {"headers": ("bare-headers", "chain-headers"), "body": ("bare-body", "chain-body")}
+BARE_OF = {chain: bare for bare, chain in PAIRS.values()}
 
-def summarise(measurements: list[Measurement], rates: dict[int, float]) -> dict:
-    """Added latency over direct per (rate, scenario): each round's difference, then median and min..max over rounds."""
-    def added(kind: str, rate_key, scenario: str, metric: str) -> list[float]:
-        by_round: dict[int, dict[str, Measurement]] = {}
-        for m in measurements:
-            if m.kind == kind and (kind != "open-loop" or m.target_rate == rate_key):
-                by_round.setdefault(m.round, {})[m.scenario] = m
-        return [round(r[scenario].latency_ms[metric] - r["direct"].latency_ms[metric], 3)
-                for r in by_round.values() if scenario in r and "direct" in r]
 
-    def spread(values: list[float]) -> dict:
-        return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "rounds": values} if values else {}
+def _by_round(measurements: list[Measurement], kind: str, rate: float | None = None) -> list[dict[str, Measurement]]:
+    """``{scenario: measurement}`` per round, for one kind (and open-loop rate). Round 0, the reference's saturation, is left out."""
+    rounds: dict[int, dict[str, Measurement]] = {}
+    for m in measurements:
+        if m.kind == kind and m.round > 0 and (kind != "open-loop" or m.target_rate == rate):
+            rounds.setdefault(m.round, {})[m.scenario] = m
+    return [rounds[number] for number in sorted(rounds)]
 
-    summary: dict = {"open_loop": {}, "sequential": {}}
+
+def _per_round(rounds: list[dict[str, Measurement]], scenario: str, baseline: str, compare) -> list[float]:
+    """``compare(scenario's measurement, baseline's)`` in every round that has both: comparisons never mix rounds."""
+    return [round(compare(r[scenario], r[baseline]), 3) for r in rounds if scenario in r and baseline in r]
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "rounds": values} if values else {}
+
+
+def _difference(metric: str):
+    return lambda m, baseline: m.latency_ms[metric] - baseline.latency_ms[metric]
+
+
+def _ratio(value):
+    return lambda m, baseline: value(m) / value(baseline)
+
+
+def _requests_per_s(m: Measurement) -> float:
+    return m.achieved_rate
+
+
+def _p99(m: Measurement) -> float:
+    return m.latency_ms["p99"]
+
+
+def _processor_us(ms: list[Measurement]) -> dict:
+    return _spread([m.cpu_percent["processor_us_per_request"] for m in ms if "processor_us_per_request" in m.cpu_percent])
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 14's targets for the chains, checked per pair (headers, body) on the median of per-round values."""
+
+    key: str
+    description: str
+    kind: str
+    load_percent: float | None  # the open-loop rate it is measured at
+    compare: Callable[[Measurement, Measurement], float]  # (chain's measurement, bare's) -> value
+    comparison: str  # ">=" or "<="
+    limit: float
+    unit: str  # "x" (ratio) or "ms"
+
+    def met(self, value: float) -> bool:
+        return value >= self.limit if self.comparison == ">=" else value <= self.limit
+
+    def text(self, value: float) -> str:
+        return f"{value:.2f}x" if self.unit == "x" else f"{value:+.2f} ms"
+
+
+TARGETS = (
+    Target("saturation_requests_per_s_ratio", "saturation: requests/s, chain / bare", "saturation", None, _ratio(_requests_per_s), ">=", 0.95, "x"),
+    Target("saturation_p99_ratio", "saturation: p99, chain / bare", "saturation", None, _ratio(_p99), "<=", 1.25, "x"),
+    Target("load_50_percent_p99_ratio", "50 % load: p99, chain / bare", "open-loop", 50, _ratio(_p99), "<=", 1.25, "x"),
+    Target("sequential_added_p50_ms", "one request at a time: p50, chain - bare", "sequential", None, _difference("p50"), "<=", 0.1, "ms"),
+)
+
+
+def summarise(measurements: list[Measurement], rates: dict[float, float]) -> dict:
+    """Per scenario: saturation, each open-loop rate and one at a time, each as the median and min..max over rounds; then the targets.
+
+    Whatever compares two scenarios (added latency over direct, chain / bare) is computed within each
+    round first, so that a slow round does not pass for a difference between scenarios.
+    """
+    summary: dict = {"saturation": {}, "open_loop": {}, "sequential": {}, "targets": {}}
+    saturated = _by_round(measurements, "saturation")
+    for scenario in SCENARIOS:
+        ms = [r[scenario] for r in saturated if scenario in r]
+        if not ms:
+            continue
+        row = {
+            "requests_per_s": _spread([m.achieved_rate for m in ms]),
+            "latency_ms": {metric: _spread([m.latency_ms[metric] for m in ms]) for metric in ("p50", "p99", "p99.9")},
+            "processor_cpu_us_per_request": _processor_us(ms),
+        }
+        if scenario in BARE_OF:
+            row["vs_bare"] = {"requests_per_s_ratio": _spread(_per_round(saturated, scenario, BARE_OF[scenario], _ratio(_requests_per_s))),
+                              "p99_ratio": _spread(_per_round(saturated, scenario, BARE_OF[scenario], _ratio(_p99)))}
+        summary["saturation"][scenario] = row
+
     for percent, rate in rates.items():
+        rounds = _by_round(measurements, "open-loop", rate)
         rows = {}
         for scenario in SCENARIOS:
-            ms = [m for m in measurements if m.kind == "open-loop" and m.target_rate == rate and m.scenario == scenario]
+            ms = [r[scenario] for r in rounds if scenario in r]
             if not ms:
                 continue
             rows[scenario] = {
-                "latency_ms": {metric: spread([m.latency_ms[metric] for m in ms]) for metric in ("p50", "p99", "p99.9")},
-                "added_ms": {metric: spread(added("open-loop", rate, scenario, metric)) for metric in ("p50", "p99", "p99.9")}
+                "latency_ms": {metric: _spread([m.latency_ms[metric] for m in ms]) for metric in ("p50", "p99", "p99.9")},
+                "added_ms": {metric: _spread(_per_round(rounds, scenario, "direct", _difference(metric))) for metric in ("p50", "p99", "p99.9")}
                 if scenario != "direct" else {},
+                "processor_cpu_us_per_request": _processor_us(ms),
                 "send_lag_ms": {metric: max(m.send_lag_ms[metric] for m in ms) for metric in ("p50", "p99", "max")},
                 "late_over_1ms_percent_max": max(m.schedule["late_over_1ms_percent"] for m in ms),
                 "dropped": sum(m.schedule["dropped"] for m in ms),
@@ -558,14 +647,27 @@ def summarise(measurements: list[Measurement], rates: dict[int, float]) -> dict:
                 "processor_cpu_percent_median": statistics.median(m.cpu_percent.get("processor", 0.0) for m in ms),
             }
         summary["open_loop"][f"{percent}%"] = {"rate": rate, "scenarios": rows}
+
+    sequential = _by_round(measurements, "sequential")
     for scenario in SCENARIOS:
-        ms = [m for m in measurements if m.kind == "sequential" and m.scenario == scenario]
+        ms = [r[scenario] for r in sequential if scenario in r]
         if ms:
             summary["sequential"][scenario] = {
-                "latency_ms": {metric: spread([m.latency_ms[metric] for m in ms]) for metric in ("p50", "p99")},
-                "added_ms": {metric: spread(added("sequential", None, scenario, metric)) for metric in ("p50", "p99")}
+                "latency_ms": {metric: _spread([m.latency_ms[metric] for m in ms]) for metric in ("p50", "p99")},
+                "added_ms": {metric: _spread(_per_round(sequential, scenario, "direct", _difference(metric))) for metric in ("p50", "p99")}
                 if scenario != "direct" else {},
+                "processor_cpu_us_per_request": _processor_us(ms),
             }
+
+    for target in TARGETS:
+        target_rate = rates.get(target.load_percent) if target.load_percent is not None else None
+        measured = target.load_percent is None or target_rate is not None  # 50 % may not be among --load-percent
+        rounds = _by_round(measurements, target.kind, target_rate) if measured else []
+        entry: dict = {"target": f"{target.description} {target.comparison} {target.text(target.limit)}"}
+        for pair, (bare, chain) in PAIRS.items():
+            values = _spread(_per_round(rounds, chain, bare, target.compare))
+            entry[pair] = {**values, "met": target.met(values["median"]) if values else None}
+        summary["targets"][target.key] = entry
     return summary
 
 
@@ -575,25 +677,64 @@ def _cell(spread: dict) -> str:
     return f"{spread['median']:+.2f} ({spread['min']:+.2f}..{spread['max']:+.2f})"
 
 
-def markdown(summary: dict, saturation: dict) -> str:
-    lines = [f"Reference: the bare processor's closed-loop rate, {saturation['reference_rate']:.0f} requests/s "
-             f"(headers {saturation['bare-headers']:.0f}, body {saturation['bare-body']:.0f}).", ""]
-    lines += ["| load | scenario | added p50 ms | added p99 ms | added p99.9 ms | absolute p50 / p99 / p99.9 ms | send lag p50 / p99 ms "
-              "| late > 1 ms | generator CPU |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def _ratio_cell(spread: dict) -> str:
+    if not spread:
+        return "-"
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}..{spread['max']:.2f})"
+
+
+def _us_cell(spread: dict) -> str:
+    return f"{spread['median']:.0f}" if spread else "-"
+
+
+def markdown(summary: dict, reference: dict) -> str:
+    lines = [f"Reference: the bare processor's closed-loop rate, {reference['reference_rate']:.0f} requests/s "
+             f"(headers {reference['bare-headers']:.0f}, body {reference['bare-body']:.0f}).", ""]
+
+    lines += ["| target | headers | body |", "|---|---:|---:|"]
+    by_key = {target.key: target for target in TARGETS}
+    for key, entry in summary["targets"].items():
+        cells = []
+        for pair in PAIRS:
+            result = entry[pair]
+            if result["met"] is None:
+                cells.append("not measured")
+            else:
+                bounds = f"{result['min']:.2f}..{result['max']:.2f}" if by_key[key].unit == "x" else f"{result['min']:+.2f}..{result['max']:+.2f}"
+                cells.append(f"{by_key[key].text(result['median'])} ({bounds}): " + ("met" if result["met"] else "**not met**"))
+        lines.append(f"| {entry['target']} | {' | '.join(cells)} |")
+
+    lines += ["", "| saturation | requests/s | p50 / p99 / p99.9 ms | processor CPU µs/request | requests/s chain / bare | p99 chain / bare |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for scenario, row in summary["saturation"].items():
+        rate = row["requests_per_s"]
+        absolute = " / ".join(f"{row['latency_ms'][m]['median']:.2f}" for m in ("p50", "p99", "p99.9"))
+        vs_bare = row.get("vs_bare", {})
+        lines.append(f"| {scenario} | {rate['median']:,.0f} ({rate['min']:,.0f}..{rate['max']:,.0f}) | {absolute} | "
+                     f"{_us_cell(row['processor_cpu_us_per_request'])} | {_ratio_cell(vs_bare.get('requests_per_s_ratio', {}))} | "
+                     f"{_ratio_cell(vs_bare.get('p99_ratio', {}))} |")
+
+    lines += ["", "| load | scenario | added p50 ms | added p99 ms | added p99.9 ms | absolute p50 / p99 / p99.9 ms | processor CPU µs/request "
+              "| send lag p50 / p99 ms | late > 1 ms | generator CPU |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for load, block in summary["open_loop"].items():
         for scenario, row in block["scenarios"].items():
             absolute = " / ".join(f"{row['latency_ms'][m]['median']:.2f}" for m in ("p50", "p99", "p99.9"))
             added = [_cell(row["added_ms"].get(m, {})) for m in ("p50", "p99", "p99.9")]
             lines.append(f"| {load} ({block['rate']:.0f}/s) | {scenario} | {' | '.join(added)} | {absolute} | "
+                         f"{_us_cell(row['processor_cpu_us_per_request'])} | "
                          f"{row['send_lag_ms']['p50']:.3f} / {row['send_lag_ms']['p99']:.3f} | {row['late_over_1ms_percent_max']:.2f} % | "
                          f"{row['generator_cpu_percent_max']:.0f} % |")
+
     lines += ["", "| one request at a time | added p50 ms | added p99 ms | absolute p50 / p99 ms |", "|---|---:|---:|---:|"]
     for scenario, row in summary["sequential"].items():
         absolute = f"{row['latency_ms']['p50']['median']:.3f} / {row['latency_ms']['p99']['median']:.3f}"
         lines.append(f"| {scenario} | {_cell(row['added_ms'].get('p50', {}))} | {_cell(row['added_ms'].get('p99', {}))} | {absolute} |")
-    lines += ["", "Added: the scenario's percentile minus Envoy direct's in the same round at the same rate; "
-              "median over rounds (min..max). Send lag and late sends: the worst round."]
+
+    lines += ["", "Saturation: closed loop, median over rounds (min..max). Chain / bare: the ratio within each round, median (min..max). "
+              "Added: the scenario's percentile minus Envoy direct's in the same round at the same rate; median over rounds (min..max). "
+              "Processor CPU: the processor's CPU seconds over the requests answered, median over rounds. "
+              "Send lag and late sends: the worst round. Targets: the median of the per-round values."]
     return "\n".join(lines)
 
 
@@ -629,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="pluginchain-open-loop-"))
     procs = Processes(log_dir)
     measurements: list[Measurement] = []
-    saturation: dict = {}
+    reference_rates: dict = {}
     started = datetime.datetime.now(datetime.UTC)
     failed = False
 
@@ -640,9 +781,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {m.round} {m.kind:<10} {m.scenario:<14} {m.achieved_rate:8.1f}/s  p50 {m.latency_ms['p50']:7.3f}  p99 {m.latency_ms['p99']:7.3f}"
               f"  p99.9 {m.latency_ms['p99.9']:7.3f} ms{lag}  CPU %: generator {m.cpu_percent['generator']:.0f} "
               f"({m.cpu_percent['generator_us_per_request']:.0f} us/request), processor "
-              f"{m.cpu_percent.get('processor', 0):.0f}, other {m.cpu_percent['foreign']:.0f}", flush=True)
+              f"{m.cpu_percent.get('processor', 0):.0f} ({m.cpu_percent.get('processor_us_per_request', 0):.0f} us/request), "
+              f"other {m.cpu_percent['foreign']:.0f}", flush=True)
         for problem in m.problems:
             print(f"  PROBLEM: {problem}", flush=True)
+
+    def saturate(gateway: Gateway, round_number: int) -> Measurement:
+        connections = args.saturation_connections
+        m = measure(gateway, upstream, round_number, "saturation", closed_loop_run(connections, seconds=2),
+                    closed_loop_run(connections, seconds=args.saturation_duration), None, args)
+        report(m)
+        return m
 
     try:
         upstream_port, upstream_admin = free_port(), free_port()
@@ -652,19 +801,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate is None:
             for scenario in ("bare-headers", "bare-body"):
                 gateway = start_gateway(procs, scenario, upstream_port, args.envoy_concurrency, 0)
-                connections = args.saturation_connections
-                m = measure(gateway, upstream, 0, "saturation", closed_loop_run(connections, seconds=2),
-                            closed_loop_run(connections, seconds=args.saturation_duration), None, args)
-                report(m)
-                saturation[scenario] = m.achieved_rate
+                reference_rates[scenario] = saturate(gateway, 0).achieved_rate
                 procs.stop(gateway.envoy)
                 if gateway.processor:
                     procs.stop(gateway.processor)
-            reference = min(saturation.values())
+            reference = min(reference_rates.values())
         else:
             reference = args.rate
-            saturation = {"bare-headers": float("nan"), "bare-body": float("nan")}
-        saturation["reference_rate"] = reference
+            reference_rates = {"bare-headers": float("nan"), "bare-body": float("nan")}
+        reference_rates["reference_rate"] = reference
         rates = {int(p) if p == int(p) else p: round(reference * p / 100, 1) for p in args.load_percent}
         print(f"reference rate {reference:.0f}/s; open-loop rates: " + ", ".join(f"{p}% = {r:g}/s" for p, r in rates.items()), flush=True)
 
@@ -674,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
                 for gateway in gateways.values():
                     report(measure(gateway, upstream, round_number, "sequential", closed_loop_run(1, requests=100),
                                    closed_loop_run(1, requests=args.sequential), None, args))
+                # Saturation of every scenario, next to each other in the same round, for the chain / bare ratios.
+                for gateway in gateways.values():
+                    saturate(gateway, round_number)
                 for index, rate in enumerate(rates.values()):
                     for gateway in gateways.values():
                         seed = 1000 * round_number + index  # every scenario of a round and rate gets the same Poisson schedule
@@ -697,17 +845,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(log_dir, ignore_errors=True)
 
-    if not measurements or "reference_rate" not in saturation:
+    if not measurements or "reference_rate" not in reference_rates:
         return 1
     summary = summarise(measurements, rates)
-    table = markdown(summary, saturation)
+    table = markdown(summary, reference_rates)
     print("\n" + table)
     problems = [f"round {m.round} {m.kind} {m.scenario}: {p}" for m in measurements for p in m.problems]
     machine = {k: v for k, v in versions("true").items() if k != "wrk"}  # run_bench's versions() minus wrk
     output = {
         "date": started.isoformat(timespec="seconds"), "complete": not failed,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": machine, "saturation": saturation, "rates": rates, **summary,
+        "machine": machine, "reference": reference_rates, "rates": rates, **summary,
         "problems": problems, "measurements": [asdict(m) for m in measurements],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
