@@ -6,6 +6,7 @@ What a client would notice: the events it receives, when text leaves, what never
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from pluginchain._config.issues import ConfigError
 from pluginchain._config.registry import PluginRegistry, default_registry
 from pluginchain._config.validation import validate_document
 from pluginchain._engine.plan import compile_plan
-from pluginchain._engine.streaming import EventFramer, ResponseStream
+from pluginchain._engine.streaming import EventFramer, RawEvent, ResponseStream
 
 SSN = r"\b\d{3}-\d{2}-\d{4}\b"
 ROOT = Path(__file__).parents[2]
@@ -334,3 +335,52 @@ async def test_events_whose_text_leaves_as_it_came_are_not_rewritten():
     received = await feed_all(stream_through(redactor()), [role, first, chat_event(" and more"), done])
     assert received[0] == role  # no text to hold: byte for byte
     assert received[1] != first and content(received[1]) == "a" * 30  # 10 characters held back
+
+
+@pytest.mark.parametrize("whole", [
+    b"data: a\n\n",
+    b"data: a\n\ndata: b\n\n",
+    b"data: a\n\ndata: b",
+    b"data: a\n\n\n",
+    b"\n\n",
+    b"\n",
+    b"x",
+    b"data: a\r\n\r\n",
+    b"data: a\n\r\n",
+    b"data: a\nid: 1\n\n",
+    b"event: e\ndata: a\n\n",
+    b"event: e\r\ndata: a\r\ndata: b\r\n\r\n",
+])
+def test_a_chunk_is_cut_into_the_same_events_whole_or_byte_by_byte(whole: bytes):
+    # Whole, a one-event chunk takes the framer's shortcut; byte by byte it never can.
+    at_once, by_byte = EventFramer(1 << 10), EventFramer(1 << 10)
+    by_byte_events = [event for byte in range(len(whole)) for event in by_byte.feed(whole[byte:byte + 1])]
+    assert at_once.feed(whole) == by_byte_events
+    assert at_once.rest() == by_byte.rest()
+
+
+@pytest.mark.parametrize("payload", [b'{"a": "b"}', b"", b"x: y", b"caf\xc3\xa9", b"bad \xff\xfe utf-8 \xe2\x82", b"[DONE]"])
+def test_an_event_of_one_data_line_reads_and_rewrites_as_the_line_by_line_reading(payload: bytes):
+    lf, crlf = RawEvent.parse(b"data: " + payload + b"\n\n"), RawEvent.parse(b"data: " + payload + b"\r\n\r\n")
+    assert lf.lone_data_line and not crlf.lone_data_line  # the shortcut, and the general reading
+    assert (lf.type, lf.data) == (crlf.type, crlf.data)
+    general = RawEvent(lf.raw, lf.type, lf.data)
+    for new_data in ('{"a":"c"}', "two\nlines", "", "ünï"):
+        assert lf.with_data(new_data) == general.with_data(new_data)
+
+
+async def test_a_match_after_non_ascii_text_is_masked_where_it_is():
+    # Non-ASCII text is matched as str (offsets mapped back from UTF-8), ASCII text as bytes.
+    for before in ("Número ", "Number ", "№ ｏｎｅ "):
+        stream = stream_through(redactor())
+        received = content(b"".join(await feed_all(stream, chat_stream(before + "123", "-45-6789 and é", " more"))))
+        # What was still held when the match was masked leaves in its canonical form (NFKC).
+        assert unicodedata.normalize("NFKC", received) == unicodedata.normalize("NFKC", before) + "[REDACTED] and é more", before
+
+
+async def test_an_event_of_several_crlf_lines_is_judged_as_one():
+    # A CR and the LF after it are one line break, not the blank line that would end the event.
+    stream = stream_through(redactor("reject", banned_patterns=["launch codes"], flexible_whitespace=True))
+    received = await stream.feed(b"event: note\r\ndata: the launch\r\ndata: codes are 0000\r\n\r\n", True)
+    assert b"launch" not in received
+    assert events(received)[-1]["error"]["code"] == "content_filtered"  # type: ignore[index]

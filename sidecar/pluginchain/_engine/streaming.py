@@ -35,8 +35,11 @@ from pluginchain._engine.usage import is_usage_chunk, usage_of
 logger = logging.getLogger("pluginchain.stream")
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+# A blank line: two line breaks in a row. A CR directly followed by LF is one line break (CRLF),
+# never a CR and then an LF, or "a\r\nb: c\r\n\r\n" would be cut after its first line.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _DONE = "[DONE]"
+_NO_CHANNELS: frozenset[TextChannel] = frozenset()
 
 JsonPath = tuple[str | int, ...]
 
@@ -74,12 +77,22 @@ class EventFramer:
         buffer = self._buffer + chunk if self._buffer else chunk
         events = []
         start = 0
-        for end in _EVENT_END.finditer(buffer):
-            # A lone CR at the very end may be the first half of a CRLF still in flight.
-            if end.end() == len(buffer) and buffer.endswith(b"\r"):
-                break
-            events.append(buffer[start:end.end()])
-            start = end.end()
+        if b"\r" not in buffer:
+            # LF line breaks only, as OpenAI-style upstreams send them: a blank line is LF LF.
+            # bytes.find makes the same cuts as the regex below, which tries a match at every
+            # byte, in a third to a half of its time: about a microsecond less per event.
+            end = buffer.find(b"\n\n")
+            while end != -1:
+                events.append(buffer[start:end + 2])
+                start = end + 2
+                end = buffer.find(b"\n\n", start)
+        else:
+            for match in _EVENT_END.finditer(buffer):
+                # A lone CR at the very end may be the first half of a CRLF still in flight.
+                if match.end() == len(buffer) and buffer.endswith(b"\r"):
+                    break
+                events.append(buffer[start:match.end()])
+                start = match.end()
         self._buffer = buffer[start:]
         if len(self._buffer) > self._limit:
             raise StreamTooLarge(f"a stream event exceeds {self._limit} bytes")
@@ -98,9 +111,17 @@ class RawEvent:
     raw: bytes
     type: str | None
     data: str | None
+    lone_data_line: bool = False
+    """Whether ``raw`` is exactly ``data: <data>`` and its blank line, with LF line breaks (what
+    OpenAI-style upstreams send): such an event is read and rewritten without splitting lines."""
 
     @classmethod
     def parse(cls, raw: bytes) -> RawEvent:
+        if raw.startswith(b"data: ") and raw.find(b"\n") == len(raw) - 2 and raw.endswith(b"\n\n") and b"\r" not in raw:
+            # The line-by-line reading below gives the same: one data field, no other field.
+            # Line breaks and the field name are ASCII, so decoding the payload alone with
+            # "replace" gives the same characters as decoding the whole event.
+            return cls(raw, None, raw[6:-2].decode("utf-8", "replace"), True)
         kind, data = None, []
         for line in _LINE_BREAK.split(raw.decode("utf-8", "replace")):
             if not line or line.startswith(":"):
@@ -115,6 +136,8 @@ class RawEvent:
 
     def with_data(self, payload: str) -> bytes:
         """These bytes with the data field set to ``payload`` (other fields kept, in order)."""
+        if self.lone_data_line:
+            return ("data: " + payload.replace("\n", "\ndata: ") + "\n\n").encode()
         lines: list[str] = []
         placed = False
         for line in _LINE_BREAK.split(self.raw.decode("utf-8", "replace")):
@@ -131,16 +154,21 @@ class RawEvent:
         return ("\n".join(lines) + "\n\n").encode()
 
 
-def decode_deltas(document: Any) -> list[tuple[TextChannel, JsonPath]]:
-    """Where an OpenAI streaming event carries delta text, per channel."""
+Delta = tuple[TextChannel, JsonPath, str]
+"""A channel, where its delta text sits in the event's document, and that text."""
+
+
+def decode_deltas(document: Any) -> list[Delta]:
+    """Where an OpenAI streaming event carries delta text, and the text, per channel."""
     if not isinstance(document, dict):
         return []
     kind = document.get("type")
     if isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta"):
-        if isinstance(document.get("delta"), str):
-            return [(_responses_channel(document, kind[len("response."):-len(".delta")]), ("delta",))]
+        delta_text = document.get("delta")
+        if isinstance(delta_text, str):
+            return [(_responses_channel(document, kind[len("response."):-len(".delta")]), ("delta",), delta_text)]
         return []
-    found: list[tuple[TextChannel, JsonPath]] = []
+    found: list[Delta] = []
     choices = document.get("choices")
     if not isinstance(choices, list):
         return found
@@ -151,16 +179,20 @@ def decode_deltas(document: Any) -> list[tuple[TextChannel, JsonPath]]:
         delta = choice.get("delta")
         if isinstance(delta, dict):
             for key in ("content", "refusal"):
-                if isinstance(delta.get(key), str):
-                    found.append((TextChannel(key, index), ("choices", position, "delta", key)))
+                text = delta.get(key)
+                if isinstance(text, str):
+                    found.append((TextChannel(key, index), ("choices", position, "delta", key), text))
             calls = delta.get("tool_calls")
             for call_position, call in enumerate(calls if isinstance(calls, list) else ()):
                 function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                arguments = function.get("arguments") if isinstance(function, dict) else None
+                if isinstance(arguments, str):
                     path = ("choices", position, "delta", "tool_calls", call_position, "function", "arguments")
-                    found.append((TextChannel("tool_arguments", index, _index(call, call_position)), path))
-        elif isinstance(choice.get("text"), str):
-            found.append((TextChannel("text", index), ("choices", position, "text")))
+                    found.append((TextChannel("tool_arguments", index, _index(call, call_position)), path, arguments))
+        else:
+            text = choice.get("text")
+            if isinstance(text, str):
+                found.append((TextChannel("text", index), ("choices", position, "text"), text))
     return found
 
 
@@ -203,8 +235,13 @@ def _set_path(document: Any, path: JsonPath, value: str) -> None:
     document[path[-1]] = value
 
 
+# What json.dumps(document, ensure_ascii=False, separators=(",", ":")) builds on every call:
+# built once, it saves about a microsecond of each rewritten event.
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dump(document: Any) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT_JSON.encode(document)
 
 
 @dataclass(slots=True)
@@ -213,7 +250,7 @@ class _Template:
 
     event: RawEvent
     document: Any
-    paths: list[tuple[TextChannel, JsonPath]]
+    deltas: list[Delta]
 
 
 class StreamEnded(Exception):
@@ -292,12 +329,13 @@ class ResponseStream:
         return b"" if self._whole_mode else b"".join(out)
 
     async def _event(self, event: RawEvent, *, final: bool) -> list[bytes]:
-        if event.data is None:
+        data = event.data
+        if data is None:
             return [event.raw]  # a comment or a field without data: nothing to judge
         document = None
-        if event.data != _DONE:
+        if data != _DONE:
             try:
-                document = parse_json(event.data)
+                document = parse_json(data)
             except BodyUninspectable as error:
                 # Not text either: its escapes (or the reading a client's parser takes of a
                 # duplicate key) would hide what it says from every plugin.
@@ -316,35 +354,47 @@ class ResponseStream:
                 hidden_null = True
         deltas = decode_deltas(document)
         ends_all, ended = ended_choices(document)
-        ends_all = ends_all or final or event.data == _DONE
-        texts = {channel: _get_path(document, path) for channel, path in deltas}
+        ends_all = ends_all or final or data == _DONE
+        pending = self._pending
+        texts = {channel: text for channel, _, text in deltas}
         for channel, text in texts.items():
-            self._pending[channel] = self._pending.get(channel, "") + text
-        ending = {channel for channel in self._pending if ends_all or _ends(channel, ended)}
+            pending[channel] = pending.get(channel, "") + text
+        # Most events end nothing: no set of channels to build, no flush to make.
+        if ends_all:
+            ending = set(pending)
+        elif ended:
+            ending = {channel for channel in pending if _ends(channel, ended)}
+        else:
+            ending = set()
         stream_event = StreamEvent(
-            type=event.type, data=event.data, document=document, deltas=texts, pending=self._pending,
-            final=ends_all, ending=frozenset(ending),
+            type=event.type, data=data, document=document, deltas=texts, pending=pending,
+            final=ends_all, ending=frozenset(ending) if ending else _NO_CHANNELS,
         )
         await self._judge(stream_event)
-        ending &= self._pending.keys()
         out: list[bytes] = []
-        # Text that an ending channel still holds goes out before the event that ends it.
-        out.extend(self._flush({channel: self._pending.pop(channel) for channel in ending - texts.keys()}))
+        if ending:
+            ending &= pending.keys()
+            # Text that an ending channel still holds goes out before the event that ends it.
+            out.extend(self._flush({channel: pending.pop(channel) for channel in ending - texts.keys()}))
         if deltas:
             # The document was parsed for this event alone and plugins only read it: edit it.
             rewritten = hidden_null
-            for channel, path in deltas:
-                keep = 0 if channel in ending else max(self._holdback, stream_event.holds.get(channel, 0))
-                release, held = _split(self._pending.pop(channel, ""), keep)
+            holds = stream_event.holds
+            for channel, path, _ in deltas:
+                keep = 0 if channel in ending else max(self._holdback, holds.get(channel, 0)) if holds else self._holdback
+                release, held = _split(pending.pop(channel, ""), keep)
                 if release != texts[channel]:
                     _set_path(document, path, release)
                     rewritten = True
-                self.sent_text = self.sent_text or bool(release)
+                if release:
+                    self.sent_text = True
                 if held:
-                    self._pending[channel] = held
+                    pending[channel] = held
             template = _Template(event, document, deltas)
-            self._templates.update({channel: template for channel, _ in deltas})
-            if len(self._templates) > MAX_CHANNELS:
+            templates = self._templates
+            for channel, _, _ in deltas:
+                templates[channel] = template
+            if len(templates) > MAX_CHANNELS:
                 raise StreamTooLarge(f"the stream writes more than {MAX_CHANNELS} texts (choices, tool calls)")
             # An event that sends exactly the text it brought leaves as it came.
             out.append(event.with_data(_dump(document)) if rewritten else event.raw)
@@ -379,7 +429,7 @@ class ResponseStream:
             if not text or template is None:
                 continue
             document = copy.deepcopy(template.document)
-            for other, path in template.paths:
+            for other, path, _ in template.deltas:
                 _set_path(document, path, text if other == channel else "")
             out.append(template.event.with_data(_dump(document)))
             self.sent_text = True
@@ -427,12 +477,6 @@ def _split(text: str, keep: int) -> tuple[str, str]:
     if len(text) <= keep:
         return "", text
     return text[:-keep], text[-keep:]
-
-
-def _get_path(document: Any, path: JsonPath) -> str:
-    for key in path:
-        document = document[key]
-    return str(document)
 
 
 def _error_event(rejection: Reject) -> bytes:

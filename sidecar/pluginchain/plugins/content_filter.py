@@ -341,9 +341,10 @@ class ContentFilter(Plugin):
         event without deltas, its data as a whole."""
         # A channel without new text, not ending, was judged as it is at an earlier event.
         texts = data.texts
-        for channel in event.deltas.keys() | event.ending:
+        ending = event.ending
+        for channel in (event.deltas.keys() | ending) if ending else event.deltas:
             if channel in texts:
-                self._judge_channel(data, channel, texts[channel], closing=channel in event.ending)
+                self._judge_channel(data, channel, texts[channel], closing=channel in ending)
         if event.deltas or event.data is None or event.data == "[DONE]":
             return
         if event.document is not None:
@@ -358,8 +359,13 @@ class ContentFilter(Plugin):
     def _judge_channel(self, data: PluginData, channel: TextChannel, text: str, *, closing: bool) -> None:
         canonical = canonical_text(text)
         form = self._fold(canonical)
-        matches = [m.span() for m in self._banned.finditer(form) if m.end() > m.start()]
-        if matches and not self._redact:
+        matches = self._match_spans(form)
+        if not matches:
+            # The usual event: nothing banned in the text not yet sent; only its tail is kept.
+            if not closing:
+                data.hold(channel, self._tail_to_hold(text))
+            return
+        if not self._redact:
             raise self._rejection()
         # Matches that end before the held-back tail cannot grow any more: mask them now. One
         # reaching into the tail may still grow: keep it back from where it starts.
@@ -378,8 +384,22 @@ class ContentFilter(Plugin):
         if growing_starts:
             keep = _raw_chars_covering(text, len(canonical) - min(growing_starts), canonical_text)
         else:
-            keep = _raw_chars_covering(text, self._holdback, self._matching_form)
+            keep = self._tail_to_hold(text)
         data.hold(channel, keep)
+
+    def _match_spans(self, form: str) -> list[tuple[int, int]]:
+        """Where the banned patterns match ``form`` (zero-width matches ban nothing)."""
+        # RE2's Python wrapper maps each match in a str back from UTF-8 byte offsets. ASCII text
+        # is its own UTF-8 with the same offsets: handed over as bytes it is matched by the same
+        # engine on the same bytes, a third faster, which counts on every event of a stream.
+        subject = form.encode() if form.isascii() else form
+        return [m.span() for m in self._banned.finditer(subject) if m.end() > m.start()]
+
+    def _tail_to_hold(self, text: str) -> int:
+        """Characters at the end of ``text`` whose matching form holds the holdback."""
+        if self._skeleton is None and text.isascii():
+            return min(self._holdback, len(text))  # ASCII is its own canonical form, char for char
+        return _raw_chars_covering(text, self._holdback, self._matching_form)
 
     def _fold(self, canonical: str) -> str:
         return canonical if self._skeleton is None else self._skeleton.fold(canonical)
