@@ -315,7 +315,7 @@ class CompiledChain:
         if not groups:
             return StageResult(rejection, failures)
         # The stream's per-event groups are the one subset timed apart (see STAGE_LABELS).
-        timed_as = "post_request_event" if groups is self.stream.per_event else str(stage)
+        timer = self._stage_latency["post_request_event" if groups is self.stream.per_event else stage.value]
         started = time.perf_counter()
         try:
             for group in groups:
@@ -323,7 +323,7 @@ class CompiledChain:
                 if rejection is not None:
                     break
         finally:
-            self._stage_latency[timed_as].observe(time.perf_counter() - started)
+            timer.observe(time.perf_counter() - started)
         for failure in failures:
             response = None if failure.fail_open else rejection
             replacement = await self.run_error_stage(exchange, failure, response)

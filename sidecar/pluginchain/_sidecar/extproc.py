@@ -462,8 +462,15 @@ class _Stream(_Exchanging):
                 self.outcome = "error" if stream.rejection.plugin_id is None else "reject"
         if output == chunk:
             return _CONTINUE_RESPONSE_BODY
-        mutation = pb.BodyMutation(body=output) if output else pb.BodyMutation(clear_body=True)
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+        # Set in place rather than built from nested messages, each of which the constructor
+        # would copy: a third of the cost, on every event of a stream.
+        answer = pb.ProcessingResponse()
+        mutation = answer.response_body.response.body_mutation
+        if output:
+            mutation.body = output
+        else:
+            mutation.clear_body = True
+        return answer
 
     async def _response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         if self.response_stream is not None:
