@@ -211,15 +211,13 @@ class _Suspended:
     what it awaits is done). What the plugin awaits, and any cancellation thrown in, pass through
     unchanged, so the task awaiting this drives the plugin as if it had run it from the start."""
 
-    __slots__ = ("member", "data", "exchange", "coroutine", "awaiting", "deadline", "started")
+    __slots__ = ("member", "data", "coroutine", "awaiting", "deadline", "started")
 
     def __init__(
-        self, member: _Member, data: PluginData, exchange: Exchange,
-        coroutine: Coroutine[Any, Any, None], awaiting: Any, deadline: float, started: float,
+        self, member: _Member, data: PluginData, coroutine: Coroutine[Any, Any, None], awaiting: Any, deadline: float, started: float,
     ):
         self.member = member
         self.data = data
-        self.exchange = exchange
         self.coroutine = coroutine
         self.awaiting = awaiting
         """What the coroutine yielded when it suspended (a future, as asyncio's tasks expect)."""
@@ -492,7 +490,7 @@ class CompiledChain:
             member.latency.observe(time.perf_counter() - started)
             bug = RuntimeError("a plugin said it never suspends but awaited (`suspends = False`, or suspends=False in its needs())")
             return self._failed(member, data, exchange, bug, timed_out=False)
-        return _Suspended(member, data, exchange, coroutine, awaiting, ctx.deadline, started)
+        return _Suspended(member, data, coroutine, awaiting, ctx.deadline, started)
 
     async def _finish(self, run: _Suspended) -> Reject | Failure | None:
         """The rest of a run that suspended, under the timeout counted from its start."""
@@ -504,7 +502,7 @@ class CompiledChain:
         except Reject as reject:
             return self._rejected(member, reject)
         except Exception as error:
-            return self._failed(member, run.data, run.exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
+            return self._failed(member, run.data, run.data.exchange, error, timed_out=isinstance(error, TimeoutError) and timeout.expired())
         except asyncio.CancelledError:
             # Not its own timeout (asyncio.timeout turns that into TimeoutError): a sibling
             # stopped the group, or the request went away.
