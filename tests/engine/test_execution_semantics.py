@@ -273,6 +273,21 @@ async def test_members_that_may_suspend_but_do_not_finish_inline_with_the_same_r
     assert "x-winner" not in seen["b"] and seen["later"]["x-slow"] == "1"
 
 
+async def test_a_member_that_yields_to_the_loop_without_a_future_is_finished_in_its_task():
+    # asyncio.sleep(0) suspends with a bare yield, no future: the task that finishes the member
+    # must give it the loop turn and resume it, alone or beside a sibling.
+    chain = chain_of(
+        step("yielder", parallel=True, yield_once=True, set_headers={"x-winner": "yielder", "x-y": "1"}),
+        step("plain", parallel=True, set_headers={"x-winner": "plain"}),
+        step("alone", priority=1, yield_once=True, set_headers={"x-alone": "1"}),
+    )
+    exchange = new_exchange()
+    result = await chain.run_stage(Stage.PRE_REQUEST, exchange)
+    assert result.rejection is None
+    assert order(exchange, "end") == ["plain", "yielder", "alone"]
+    assert exchange.request.set_headers == {"x-winner": "plain", "x-y": "1", "x-alone": "1"}
+
+
 async def test_a_timeout_counts_from_the_start_of_a_member_that_suspends_late():
     # A member that works inline for a while and only then awaits gets what is left of its timeout.
     chain = chain_of({**step("late", parallel=True, busy=0.2, sleep=5), "timeout": "250ms"}, step("other", parallel=True))

@@ -28,6 +28,8 @@ class ScriptedConfig(PluginConfig):
     """Seconds of work done inline, without awaiting, before the ``sleep`` (a CPU-bound plugin)."""
     sleep: float = 0.0
     """Seconds to wait before acting."""
+    yield_once: bool = False
+    """Give the event loop one turn first (``asyncio.sleep(0)``: a bare yield, no future)."""
     set_headers: dict[str, str] = {}
     remove_headers: list[str] = []
     response_headers: dict[str, str] = {}
@@ -75,6 +77,8 @@ class Scripted(Plugin):
         while time.perf_counter() < busy_until:
             pass
         try:
+            if self.config.yield_once:
+                await asyncio.sleep(0)
             if self.config.sleep:
                 await asyncio.sleep(self.config.sleep)
         except asyncio.CancelledError:
