@@ -50,11 +50,8 @@ import random
 import re
 import select
 import selectors
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,11 +65,13 @@ from run_bench import (
     API_KEY,
     PATH,
     SCENARIOS,
+    BenchmarkRun,
     Proc,
     Processes,
     chat_body,
     envoy_counters,
     expected_messages_per_stream,
+    ext_proc_failures,
     free_port,
     functional_check,
     gateway_config,
@@ -504,9 +503,7 @@ def check(result: Measurement, gateway: Gateway, generator: Generator, counters_
         result.checks |= {"ext_proc_streams": streams, "ext_proc_msgs_sent": sent}
         if streams != served or sent != expected * streams:
             result.problems.append(f"{streams} ext_proc streams and {sent} messages for {served} requests (expected {expected} per stream)")
-        for bad in ("streams_failed", "failure_mode_allowed", "message_timeouts", "spurious_msgs_received"):
-            if delta.get(f"ext_proc.{bad}", 0):
-                result.problems.append(f"ext_proc.{bad} = {delta[f'ext_proc.{bad}']}")
+        result.problems += ext_proc_failures(delta)
     if gateway.scenario.startswith("chain"):
         allowed = _rate_limiter_allowed(gateway) - allowed_before
         result.checks["rate_limiter_allowed"] = allowed
@@ -766,13 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     if "direct" not in args.scenarios:
         parser.error("direct is the baseline every added latency is measured against")
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    log_dir = Path(tempfile.mkdtemp(prefix="pluginchain-open-loop-"))
-    procs = Processes(log_dir)
+    run = BenchmarkRun("pluginchain-open-loop-", args.keep_logs)
+    log_dir, procs = run.log_dir, run.procs
     measurements: list[Measurement] = []
     reference_rates: dict = {}
     started = datetime.datetime.now(datetime.UTC)
-    failed = False
 
     def report(m: Measurement) -> None:
         measurements.append(m)
@@ -793,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         report(m)
         return m
 
-    try:
+    with run:
         upstream_port, upstream_admin = free_port(), free_port()
         upstream = start_envoy(procs, "upstream", upstream_config(upstream_port, upstream_admin), 1)
         print(f"open loop ({'Poisson' if args.poisson else 'constant'} rate), {args.duration:g} s per measurement after {args.warmup:g} s, "
@@ -832,18 +827,6 @@ def main(argv: list[str] | None = None) -> int:
                     procs.stop(gateway.envoy)
                     if gateway.processor:
                         procs.stop(gateway.processor)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping everything", file=sys.stderr)
-        failed = True
-    except Exception as error:
-        print(f"\nerror: {error!r}", file=sys.stderr)
-        failed = True
-    finally:
-        procs.stop_all()
-        if args.keep_logs or failed:
-            print(f"logs and configs kept in {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
 
     if not measurements or "reference_rate" not in reference_rates:
         return 1
@@ -853,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"round {m.round} {m.kind} {m.scenario}: {p}" for m in measurements for p in m.problems]
     machine = {k: v for k, v in versions("true").items() if k != "wrk"}  # run_bench's versions() minus wrk
     output = {
-        "date": started.isoformat(timespec="seconds"), "complete": not failed,
+        "date": started.isoformat(timespec="seconds"), "complete": not run.failed,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine, "reference": reference_rates, "rates": rates, **summary,
         "problems": problems, "measurements": [asdict(m) for m in measurements],
@@ -865,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults written to {args.output}")
     if problems:
         print("PROBLEMS (these measurements are suspect):\n  " + "\n  ".join(problems))
-    return 1 if failed or problems else 0
+    return 1 if run.failed or problems else 0
 
 
 if __name__ == "__main__":

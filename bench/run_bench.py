@@ -170,6 +170,48 @@ class Processes:
             self.stop(self.running[-1])
 
 
+class BenchmarkRun:
+    """The processes and logs of one benchmark run: everything started through ``procs`` is
+    stopped when the ``with`` block ends, also on an error, Ctrl-C or SIGTERM. An error or an
+    interruption is printed and recorded in ``failed`` rather than raised, so that what was
+    measured until then is still reported; the logs are kept when it failed or when asked."""
+
+    def __init__(self, prefix: str, keep_logs: bool):
+        # SIGTERM unwinds like Ctrl-C, through __exit__.
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        self.log_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.procs = Processes(self.log_dir)
+        self.failed = False
+        self._keep_logs = keep_logs
+
+    def __enter__(self) -> BenchmarkRun:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            print("\ninterrupted; stopping everything", file=sys.stderr)
+            self.failed = True
+        elif isinstance(error, Exception):
+            print(f"\nerror: {error!r}", file=sys.stderr)
+            self.failed = True
+        self.procs.stop_all()
+        if self._keep_logs or self.failed:
+            print(f"logs and configs kept in {self.log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return kind is not None and self.failed
+
+
+EXT_PROC_FAILURE_COUNTERS = ("streams_failed", "failure_mode_allowed", "message_timeouts", "spurious_msgs_received")
+"""Envoy's ext_proc counters (``ext_proc.<name>``) that must not move in a measurement."""
+
+
+def ext_proc_failures(delta: dict) -> list[str]:
+    """A problem for each of :data:`EXT_PROC_FAILURE_COUNTERS` that moved in ``delta``, Envoy's
+    stats over one measurement."""
+    return [f"ext_proc.{bad} = {delta[f'ext_proc.{bad}']}" for bad in EXT_PROC_FAILURE_COUNTERS if delta.get(f"ext_proc.{bad}", 0)]
+
+
 def wait_until(check, what: str, proc: Proc | None = None, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -575,9 +617,7 @@ def measure(scenario: str, round_number: int, settings: Settings, procs: Process
         sent = delta.get("ext_proc.stream_msgs_sent", 0)
         result.checks["ext_proc_streams"] = streams
         result.checks["ext_proc_msgs_sent_per_stream"] = round(sent / streams, 3) if streams else None
-        for bad in ("streams_failed", "failure_mode_allowed", "message_timeouts", "spurious_msgs_received"):
-            if delta.get(f"ext_proc.{bad}", 0):
-                result.problems.append(f"ext_proc.{bad} = {delta[f'ext_proc.{bad}']}")
+        result.problems += ext_proc_failures(delta)
         # Counters are read while no load runs, but up to one request per connection may have
         # been in flight at either edge of the measurement window.
         slack = settings.connections
@@ -813,14 +853,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: py-spy not found; pip install py-spy (a throwaway venv will do) and pass --py-spy PATH", file=sys.stderr)
         return 2
 
-    # Ctrl-C and SIGTERM both unwind through the finally blocks that stop every process.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    log_dir = Path(tempfile.mkdtemp(prefix="pluginchain-bench-"))
-    procs = Processes(log_dir)
+    run = BenchmarkRun("pluginchain-bench-", args.keep_logs)
+    log_dir, procs = run.log_dir, run.procs
     results: list[Result] = []
     started = datetime.datetime.now(datetime.UTC)
-    failed = False
-    try:
+    with run:
         upstream_port, upstream_admin = free_port(), free_port()
         start_envoy(procs, "upstream", upstream_config(upstream_port, upstream_admin), args.upstream_concurrency)
         settings = Settings(
@@ -842,18 +879,6 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 for problem in result.problems:
                     print(f"  PROBLEM: {problem}", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping everything", file=sys.stderr)
-        failed = True
-    except Exception as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        failed = True
-    finally:
-        procs.stop_all()
-        if args.keep_logs or failed:
-            print(f"logs and configs kept in {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
 
     if not results:
         return 1
@@ -862,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"round {r.round} {r.scenario}: {p}" for r in results for p in r.problems]
     report = {
         "date": started.isoformat(timespec="seconds"),
-        "complete": not failed,
+        "complete": not run.failed,
         "profiled": args.profile,
         "settings": {
             "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
@@ -891,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             if result.profile:
                 print_py_spy(result, settings.py_spy_rate)
-    return 1 if failed or problems else 0
+    return 1 if run.failed or problems else 0
 
 
 if __name__ == "__main__":

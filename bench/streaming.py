@@ -41,12 +41,9 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,7 +56,9 @@ sys.path.insert(0, str(BENCH))
 
 from run_bench import (
     API_KEY,
+    EXT_PROC_FAILURE_COUNTERS,
     PATH,
+    BenchmarkRun,
     Proc,
     Processes,
     envoy_counters,
@@ -295,11 +294,8 @@ def gateway_stats(target: Target) -> dict[str, int]:
     return counters
 
 
-_BAD_EXT_PROC = ("streams_failed", "failure_mode_allowed", "message_timeouts", "spurious_msgs_received")
-
-
 def ext_proc_problems(what: str, delta: dict[str, int], streams: int) -> list[str]:
-    problems = [f"{what}: Envoy's ext_proc.{bad} = {delta[bad]}" for bad in _BAD_EXT_PROC if delta.get(bad)]
+    problems = [f"{what}: Envoy's ext_proc.{bad} = {delta[bad]}" for bad in EXT_PROC_FAILURE_COUNTERS if delta.get(bad)]
     if delta.get("streams_started", 0) != streams:
         problems.append(f"{what}: Envoy opened {delta.get('streams_started', 0)} ext_proc streams, expected {streams}")
     return problems
@@ -718,10 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_upstream(args.serve_upstream)
         return 0
 
-    # Ctrl-C and SIGTERM both unwind through the finally block that stops every process.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    log_dir = Path(tempfile.mkdtemp(prefix="pluginchain-bench-streaming-"))
-    procs = Processes(log_dir)
+    run = BenchmarkRun("pluginchain-bench-streaming-", args.keep_logs)
+    log_dir, procs = run.log_dir, run.procs
     targets: dict[str, Target] = {}
     started = datetime.datetime.now(datetime.UTC)
     run_started = time.monotonic()
@@ -739,8 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdback_events": len("You said: ".split()),
     }
     machine_info = machine()  # before anything starts: the commit whose sidecar code is measured
-    failed = False
-    try:
+    with run:
         upstream_port = free_port()
         upstream = procs.start("upstream", [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(upstream_port)])
         wait_until(lambda: port_open(upstream_port), "demo upstream listening", upstream)
@@ -800,20 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"memory {name:<6} {(row['upstream_bytes'] or 0) / 1e6:.1f} MB from the upstream, {row['events']} events in "
                       f"{row['seconds']:.1f} s ({row['body_chunks']} chunks): RSS {row['rss_before_mb']:.1f} MB before, max "
                       f"{row['rss_max_mb']:.1f}, {row['rss_after_mb']:.1f} after (max growth {row['rss_growth_max_mb']:+.1f} MB)", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping everything", file=sys.stderr)
-        failed = True
-    except Exception as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        failed = True
-    finally:
-        for target in targets.values():
-            target.client.close()
-        procs.stop_all()
-        if args.keep_logs or failed:
-            print(f"logs and configs kept in {log_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
+    for target in targets.values():
+        target.client.close()
 
     if not (latency or memory):
         return 1
@@ -823,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         row.pop("_times", None)
     report = {
         "date": started.isoformat(timespec="seconds"),
-        "complete": not failed,
+        "complete": not run.failed,
         "wall_seconds": round(time.monotonic() - run_started, 1),
         "settings": settings,
         "machine": machine_info,
@@ -838,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results written to {args.output}  ({report['wall_seconds']:.0f} s)")
     if problems:
         print("PROBLEMS (these runs are suspect):\n  " + "\n  ".join(problems))
-    return 1 if failed or problems else 0
+    return 1 if run.failed or problems else 0
 
 
 if __name__ == "__main__":
