@@ -15,7 +15,7 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from tests.support.extproc import PLUGINS, ScriptedProcessor, continue_, set_header
+from tests.support.extproc import PLUGINS, ScriptedProcessor, continue_, envoy_in_front_of, set_header
 from tests.support.harness import BIN, ROOT, Gateway, Upstream, free_port
 
 BODY = {"model": "demo-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -139,14 +139,8 @@ class _AnsweredProcessor(ScriptedProcessor):
 @pytest.fixture
 async def scripted(tmp_path, upstream):
     processor = _AnsweredProcessor()
-    await processor.start()
-    envoy = Gateway(tmp_path, tmp_path / "unused-chain.yaml", upstream, sidecar_port=processor.port)
-    try:
-        envoy.start_envoy(max_body_bytes=65536)
+    async with envoy_in_front_of(processor, tmp_path, upstream, max_body_bytes=65536) as envoy:
         yield envoy, processor
-    finally:
-        envoy.stop()
-        await processor.stop()
 
 
 async def test_a_header_change_envoy_refuses_is_500_header_mutation_refused(scripted):

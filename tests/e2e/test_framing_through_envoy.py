@@ -13,8 +13,7 @@ import openai
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from tests.support.extproc import PLUGINS, ScriptedProcessor, set_header
-from tests.support.harness import Gateway
+from tests.support.extproc import PLUGINS, ScriptedProcessor, envoy_in_front_of, set_header
 
 BODY = {"model": "demo-model", "messages": [{"role": "user", "content": "a long enough prompt to be more than five bytes"}]}
 
@@ -45,14 +44,8 @@ REFUSED_BY_ENVOY = {
 async def scripted_envoy(tmp_path, upstream):
     """Envoy, configured as the gateway runs it, in front of a processor that answers from a script."""
     processor = ScriptedProcessor()
-    await processor.start()
-    envoy = Gateway(tmp_path, tmp_path / "unused-chain.yaml", upstream, sidecar_port=processor.port)
-    try:
-        envoy.start_envoy()
+    async with envoy_in_front_of(processor, tmp_path, upstream) as envoy:
         yield envoy, processor
-    finally:
-        envoy.stop()
-        await processor.stop()
 
 
 async def test_envoy_refuses_what_the_sidecar_must_never_send(scripted_envoy):

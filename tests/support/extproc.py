@@ -4,14 +4,17 @@ answer the sidecar would never give."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from tests.support.harness import ROOT
+from tests.support.harness import ROOT, Gateway
 
 PLUGINS = (str(ROOT / "tests" / "support" / "custom_plugins.py"), str(ROOT / "tests" / "support" / "scripted.py"))
 """Custom plugin modules the sidecar tests load (``stamp`` and friends, ``scripted``)."""
@@ -87,3 +90,17 @@ class ScriptedProcessor(pb_grpc.ExternalProcessorServicer):
             kind = request.WhichOneof("request")
             self.phases.append(kind)
             yield self.script.get(kind, continue_)(request)
+
+
+@contextlib.asynccontextmanager
+async def envoy_in_front_of(processor: ScriptedProcessor, tmp_path: Path, upstream: Any, **envoy_options: Any) -> AsyncIterator[Gateway]:
+    """Envoy, configured as the gateway runs it (``envoy_options``: ``Gateway.start_envoy``'s), in
+    front of ``processor`` instead of a sidecar; both stopped at the end, also on failure."""
+    await processor.start()
+    envoy = Gateway(tmp_path, tmp_path / "unused-chain.yaml", upstream, sidecar_port=processor.port)
+    try:
+        envoy.start_envoy(**envoy_options)
+        yield envoy
+    finally:
+        envoy.stop()
+        await processor.stop()
